@@ -1,0 +1,108 @@
+//! The whole control surface: every request the API or the config file can make is one
+//! `Action`, applied by the VMM thread, answered with an `ActionResult`.
+
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{
+    BootSourceConfig, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate,
+    MetricsConfig, NetworkInterfaceConfig,
+};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// GET /
+    GetInstanceInfo,
+    /// GET /version
+    GetVersion,
+    /// GET /machine-config
+    GetMachineConfig,
+    /// GET /vm/config
+    GetVmConfig,
+    PutBootSource(BootSourceConfig),
+    PutMachineConfig(MachineConfig),
+    PatchMachineConfig(MachineConfigUpdate),
+    /// PUT /drives/{id}: the id in the path must equal the body's drive_id (checked by the API).
+    PutDrive(DriveConfig),
+    PatchDrive(DriveUpdate),
+    PutNetworkInterface(NetworkInterfaceConfig),
+    PutLogger(LoggerConfig),
+    PutMetrics(MetricsConfig),
+    InstanceStart,
+    SendCtrlAltDel,
+    FlushMetrics,
+    Pause,
+    Resume,
+}
+
+/// A successful answer: 204 with no body, or 200 with a JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ActionOk {
+    NoContent,
+    Json(String),
+}
+
+/// A refused action: the HTTP status and Firecracker's `fault_message`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ActionError {
+    pub fn bad_request(message: impl Into<String>) -> ActionError {
+        ActionError {
+            status: 400,
+            message: message.into(),
+        }
+    }
+}
+
+pub type ActionResult = Result<ActionOk, ActionError>;
+
+/// One request from the API thread to the VMM thread.
+pub struct ActionRequest {
+    pub action: Action,
+    pub reply: SyncSender<ActionResult>,
+}
+
+/// The API thread's end: send an action, wake the VMM thread, wait for the answer.
+#[derive(Clone)]
+pub struct ActionSender {
+    tx: Sender<ActionRequest>,
+    wake: std::sync::Arc<EventFd>,
+}
+
+impl ActionSender {
+    pub fn new(tx: Sender<ActionRequest>, wake: std::sync::Arc<EventFd>) -> ActionSender {
+        ActionSender { tx, wake }
+    }
+
+    /// Sends `action` and blocks until the VMM thread answers.
+    pub fn call(&self, action: Action) -> ActionResult {
+        let (reply, rx) = std::sync::mpsc::sync_channel(1);
+        let gone = || ActionError {
+            status: 500,
+            message: "the VMM thread is not running".into(),
+        };
+        self.tx.send(ActionRequest { action, reply }).map_err(|_| gone())?;
+        self.wake.write(1).map_err(|_| gone())?;
+        rx.recv().map_err(|_| gone())?
+    }
+}
+
+/// The VMM thread's end.
+pub struct ActionReceiver {
+    pub rx: Receiver<ActionRequest>,
+    pub wake: std::sync::Arc<EventFd>,
+}
+
+pub fn channel() -> std::io::Result<(ActionSender, ActionReceiver)> {
+    let wake = std::sync::Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?);
+    let (tx, rx) = std::sync::mpsc::channel();
+    Ok((
+        ActionSender::new(tx, wake.clone()),
+        ActionReceiver { rx, wake },
+    ))
+}

@@ -1,0 +1,237 @@
+//! `machine-config` (config file), `PUT /machine-config` and `PATCH /machine-config`.
+
+use serde::{Deserialize, Serialize};
+
+/// Firecracker's limit: microVMs are for small workloads.
+pub const MAX_VCPUS: u8 = 32;
+/// Firecracker's defaults when `machine-config` is absent.
+pub const DEFAULT_VCPU_COUNT: u8 = 1;
+pub const DEFAULT_MEM_SIZE_MIB: usize = 128;
+
+/// Firecracker's `MachineConfig`. `cpu_template` and `huge_pages` are kept as the strings
+/// the user wrote, because ember only accepts their "None" values and must be able to name
+/// the refused one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    pub vcpu_count: u8,
+    pub mem_size_mib: usize,
+    /// Simultaneous multithreading. Only `false` is accepted.
+    #[serde(default)]
+    pub smt: bool,
+    /// Only absent or "None" is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    /// Accepted and passed on to guest memory creation (KVM dirty logging).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// Only absent or "None" is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            vcpu_count: DEFAULT_VCPU_COUNT,
+            mem_size_mib: DEFAULT_MEM_SIZE_MIB,
+            smt: false,
+            cpu_template: None,
+            track_dirty_pages: false,
+            huge_pages: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MachineConfigError {
+    #[error("vcpu_count must be between 1 and {MAX_VCPUS}, got {0}")]
+    VcpuCount(u8),
+    #[error("mem_size_mib must be at least 1, got 0")]
+    MemSize,
+    #[error("smt is not supported by ember; set it to false or leave it out")]
+    Smt,
+    #[error("cpu_template `{0}` is not supported by ember; use \"None\" or leave it out")]
+    CpuTemplate(String),
+    #[error("huge_pages `{0}` is not supported by ember; use \"None\" or leave it out")]
+    HugePages(String),
+}
+
+/// The spelling Firecracker uses for "no template" and "no huge pages".
+const NONE: &str = "None";
+
+impl MachineConfig {
+    pub fn validate(&self) -> Result<(), MachineConfigError> {
+        if self.vcpu_count == 0 || self.vcpu_count > MAX_VCPUS {
+            return Err(MachineConfigError::VcpuCount(self.vcpu_count));
+        }
+        if self.mem_size_mib == 0 {
+            return Err(MachineConfigError::MemSize);
+        }
+        if self.smt {
+            return Err(MachineConfigError::Smt);
+        }
+        if let Some(t) = self.cpu_template.as_deref().filter(|t| *t != NONE) {
+            return Err(MachineConfigError::CpuTemplate(t.to_string()));
+        }
+        if let Some(h) = self.huge_pages.as_deref().filter(|h| *h != NONE) {
+            return Err(MachineConfigError::HugePages(h.to_string()));
+        }
+        Ok(())
+    }
+}
+
+/// Body of `PATCH /machine-config`: only the fields present change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_count: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_size_mib: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smt: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
+impl MachineConfigUpdate {
+    /// Firecracker refuses an empty PATCH ("Empty PATCH request."); the API checks this.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+
+    /// The configuration after this update, validated as a whole: a PATCH must not leave
+    /// the VM in a state a PUT could not have produced.
+    pub fn apply(&self, base: &MachineConfig) -> Result<MachineConfig, MachineConfigError> {
+        let updated = MachineConfig {
+            vcpu_count: self.vcpu_count.unwrap_or(base.vcpu_count),
+            mem_size_mib: self.mem_size_mib.unwrap_or(base.mem_size_mib),
+            smt: self.smt.unwrap_or(base.smt),
+            cpu_template: self
+                .cpu_template
+                .clone()
+                .or_else(|| base.cpu_template.clone()),
+            track_dirty_pages: self.track_dirty_pages.unwrap_or(base.track_dirty_pages),
+            huge_pages: self.huge_pages.clone().or_else(|| base.huge_pages.clone()),
+        };
+        updated.validate()?;
+        Ok(updated)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<MachineConfig, String> {
+        let c: MachineConfig = serde_json::from_str(s).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn minimal_and_full() {
+        let c = parse(r#"{"vcpu_count": 2, "mem_size_mib": 256}"#).unwrap();
+        assert_eq!(
+            (c.vcpu_count, c.mem_size_mib, c.smt, c.track_dirty_pages),
+            (2, 256, false, false)
+        );
+        let c = parse(
+            r#"{"vcpu_count": 32, "mem_size_mib": 1, "smt": false, "cpu_template": "None",
+                "track_dirty_pages": true, "huge_pages": "None"}"#,
+        )
+        .unwrap();
+        assert!(c.track_dirty_pages);
+        assert!(
+            parse(
+                r#"{"vcpu_count": 1, "mem_size_mib": 1, "cpu_template": null, "huge_pages": null}"#
+            )
+            .is_ok()
+        );
+        assert_eq!(MachineConfig::default().vcpu_count, 1);
+        assert_eq!(MachineConfig::default().mem_size_mib, 128);
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let cases = [
+            (
+                r#"{"vcpu_count": 0, "mem_size_mib": 1}"#,
+                "vcpu_count must be between 1 and 32, got 0",
+            ),
+            (
+                r#"{"vcpu_count": 33, "mem_size_mib": 1}"#,
+                "vcpu_count must be between 1 and 32, got 33",
+            ),
+            (
+                r#"{"vcpu_count": 1, "mem_size_mib": 0}"#,
+                "mem_size_mib must be at least 1",
+            ),
+            (
+                r#"{"vcpu_count": 2, "mem_size_mib": 1, "smt": true}"#,
+                "smt is not supported",
+            ),
+            (
+                r#"{"vcpu_count": 1, "mem_size_mib": 1, "cpu_template": "T2"}"#,
+                "cpu_template `T2` is not supported",
+            ),
+            (
+                r#"{"vcpu_count": 1, "mem_size_mib": 1, "huge_pages": "2M"}"#,
+                "huge_pages `2M` is not supported",
+            ),
+            (r#"{"mem_size_mib": 1}"#, "missing field `vcpu_count`"),
+            (r#"{"vcpu_count": 1}"#, "missing field `mem_size_mib`"),
+            (
+                r#"{"vcpu_count": 1, "mem_size_mib": 1, "ht_enabled": true}"#,
+                "unknown field `ht_enabled`",
+            ),
+            (r#"{"vcpu_count": 1, "mem_size_mib": -1}"#, "invalid value"),
+        ];
+        for (json, want) in cases {
+            let e = parse(json).unwrap_err();
+            assert!(e.contains(want), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn update() {
+        let base = MachineConfig::default();
+        let u: MachineConfigUpdate = serde_json::from_str(r#"{"vcpu_count": 4}"#).unwrap();
+        assert!(!u.is_empty());
+        let c = u.apply(&base).unwrap();
+        assert_eq!((c.vcpu_count, c.mem_size_mib), (4, 128));
+        let u: MachineConfigUpdate =
+            serde_json::from_str(r#"{"mem_size_mib": 64, "track_dirty_pages": true}"#).unwrap();
+        let c = u.apply(&c).unwrap();
+        assert_eq!(
+            (c.vcpu_count, c.mem_size_mib, c.track_dirty_pages),
+            (4, 64, true)
+        );
+        let u: MachineConfigUpdate = serde_json::from_str(r#"{"vcpu_count": 40}"#).unwrap();
+        assert_eq!(u.apply(&c).unwrap_err(), MachineConfigError::VcpuCount(40));
+        let u: MachineConfigUpdate = serde_json::from_str(r#"{"smt": true}"#).unwrap();
+        assert_eq!(u.apply(&c).unwrap_err(), MachineConfigError::Smt);
+        let u: MachineConfigUpdate = serde_json::from_str("{}").unwrap();
+        assert!(u.is_empty());
+        assert_eq!(u.apply(&c).unwrap(), c);
+        assert!(serde_json::from_str::<MachineConfigUpdate>(r#"{"cpus": 1}"#).is_err());
+    }
+
+    #[test]
+    fn round_trip() {
+        let c = MachineConfig {
+            vcpu_count: 3,
+            mem_size_mib: 512,
+            cpu_template: Some("None".into()),
+            track_dirty_pages: true,
+            ..Default::default()
+        };
+        let s = serde_json::to_string(&c).unwrap();
+        assert_eq!(parse(&s).unwrap(), c);
+    }
+}

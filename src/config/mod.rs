@@ -1,0 +1,551 @@
+//! The configuration types shared by `--config-file` and the HTTP API, in Firecracker's
+//! schema: one file per resource, each with its validation and error enum.
+//!
+//! Validation here is what can be checked without touching the host (ranges, names,
+//! unsupported features); opening files and TAP devices is the builder's job.
+
+pub mod boot_source;
+pub mod drive;
+pub mod logger;
+pub mod machine_config;
+pub mod metrics;
+pub mod net;
+pub mod unsupported;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
+
+pub use boot_source::{BootSourceConfig, BootSourceError};
+pub use drive::{CacheType, DriveConfig, DriveError, DriveUpdate, IoEngine};
+pub use logger::{LogLevel, LoggerConfig, LoggerConfigError};
+pub use machine_config::{MachineConfig, MachineConfigError, MachineConfigUpdate};
+pub use metrics::{MetricsConfig, MetricsConfigError};
+pub use net::{MacAddr, NetError, NetworkInterfaceConfig, NetworkInterfaceUpdate};
+pub use unsupported::{UnsupportedError, UnsupportedValue};
+
+use crate::vm::layout::VIRTIO_MMIO_MAX_DEVICES;
+
+/// A whole VM: Firecracker's config-file schema (`--config-file`, `GET /vm/config`).
+///
+/// `Default` is the state of an API-configured VM before any PUT; it does not validate
+/// (no kernel), which is what InstanceStart reports until `PUT /boot-source`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    #[serde(rename = "boot-source")]
+    pub boot_source: BootSourceConfig,
+    /// Absent or null: Firecracker's defaults (1 vCPU, 128 MiB).
+    #[serde(
+        rename = "machine-config",
+        default,
+        deserialize_with = "null_as_default"
+    )]
+    pub machine_config: MachineConfig,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub drives: Vec<DriveConfig>,
+    #[serde(
+        rename = "network-interfaces",
+        default,
+        deserialize_with = "null_as_default"
+    )]
+    pub network_interfaces: Vec<NetworkInterfaceConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<LoggerConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+
+    // Firecracker resources ember does not implement: see unsupported.rs.
+    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
+    pub balloon: UnsupportedValue,
+    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
+    pub vsock: UnsupportedValue,
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "UnsupportedValue::is_unset"
+    )]
+    pub mmds_config: UnsupportedValue,
+    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
+    pub entropy: UnsupportedValue,
+    #[serde(
+        rename = "cpu-config",
+        default,
+        skip_serializing_if = "UnsupportedValue::is_unset"
+    )]
+    pub cpu_config: UnsupportedValue,
+    #[serde(
+        rename = "memory-hotplug",
+        default,
+        skip_serializing_if = "UnsupportedValue::is_unset"
+    )]
+    pub memory_hotplug: UnsupportedValue,
+    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
+    pub serial: UnsupportedValue,
+    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
+    pub pmem: UnsupportedValue,
+}
+
+/// Every message names the offending field by its path in the config file
+/// ("machine-config.vcpu_count ...", "drives[1].drive_id ..."): the resource errors all
+/// start with their field name, and these variants prefix the section.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// serde_json's message (which names unknown and missing fields and gives line and
+    /// column), prefixed with the section it was found in when that can be told.
+    #[error("{}{source}", context_prefix(.context))]
+    Json {
+        context: Option<String>,
+        source: serde_json::Error,
+    },
+    #[error("boot-source.{0}")]
+    BootSource(#[from] BootSourceError),
+    #[error("machine-config.{0}")]
+    MachineConfig(#[from] MachineConfigError),
+    #[error("drives[{index}].{source}")]
+    Drive { index: usize, source: DriveError },
+    #[error("network-interfaces[{index}].{source}")]
+    NetworkInterface { index: usize, source: NetError },
+    #[error(
+        "drives and network-interfaces: {count} devices configured, at most \
+         {VIRTIO_MMIO_MAX_DEVICES} are supported"
+    )]
+    TooManyDevices { count: usize },
+    #[error("logger.{0}")]
+    Logger(#[from] LoggerConfigError),
+    #[error("metrics.{0}")]
+    Metrics(#[from] MetricsConfigError),
+    #[error(transparent)]
+    Unsupported(#[from] UnsupportedError),
+}
+
+fn context_prefix(context: &Option<String>) -> String {
+    context
+        .as_ref()
+        .map(|c| format!("{c}: "))
+        .unwrap_or_default()
+}
+
+impl VmConfig {
+    /// Parses and validates a config file (or any text in its schema).
+    pub fn from_json(text: &str) -> Result<VmConfig, ConfigError> {
+        let config: VmConfig = serde_json::from_str(text).map_err(|source| ConfigError::Json {
+            context: locate_json_error(text, &source),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything a VM needs before it is built. The API runs this at InstanceStart.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.boot_source.validate()?;
+        self.machine_config.validate()?;
+        drive::validate_drives(&self.drives)
+            .map_err(|(index, source)| ConfigError::Drive { index, source })?;
+        net::validate_network_interfaces(&self.network_interfaces)
+            .map_err(|(index, source)| ConfigError::NetworkInterface { index, source })?;
+        let count = self.drives.len() + self.network_interfaces.len();
+        if u64::try_from(count).map_or(true, |c| c > VIRTIO_MMIO_MAX_DEVICES) {
+            return Err(ConfigError::TooManyDevices { count });
+        }
+        if let Some(l) = &self.logger {
+            l.validate()?;
+        }
+        if let Some(m) = &self.metrics {
+            m.validate()?;
+        }
+        for (name, value) in [
+            ("balloon", &self.balloon),
+            ("vsock", &self.vsock),
+            ("mmds-config", &self.mmds_config),
+            ("entropy", &self.entropy),
+            ("cpu-config", &self.cpu_config),
+            ("memory-hotplug", &self.memory_hotplug),
+            ("serial", &self.serial),
+            ("pmem", &self.pmem),
+        ] {
+            value.check(name)?;
+        }
+        Ok(())
+    }
+
+    /// The same schema, for `GET /vm/config`; `from_json` reads it back to an equal value.
+    pub fn to_json(&self) -> String {
+        // Serializing these types cannot fail (string keys, no floats, no maps with
+        // non-string keys); should it ever, an empty object is a valid, loud answer.
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| {
+            log::error!("cannot serialize the VM configuration: {e}");
+            String::from("{}")
+        })
+    }
+}
+
+/// Firecracker writes an absent section as `null`; treat it as absent.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Why a path is unusable, if it is; the message follows the field name.
+fn path_problem(path: &str) -> Option<&'static str> {
+    if path.is_empty() {
+        Some("must not be empty")
+    } else if path.contains('\0') {
+        Some("must not contain a NUL byte")
+    } else {
+        None
+    }
+}
+
+/// Firecracker's rule for API resource ids (drive_id, iface_id), which also appear in
+/// URL paths: letters, digits and '_'. ASCII only, so an id is safe in any log or path.
+fn id_problem(id: &str) -> Option<&'static str> {
+    if id.is_empty() {
+        Some("must not be empty")
+    } else if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        Some("may contain only ASCII letters, digits and '_'")
+    } else {
+        None
+    }
+}
+
+/// serde_json reports type errors without the field's path ("invalid type: string, expected
+/// u8 at line 3 column 20"). This finds which section of the file failed by parsing each
+/// one alone and keeping the one whose error is the same. Only runs on the error path.
+fn locate_json_error(text: &str, err: &serde_json::Error) -> Option<String> {
+    if !err.is_data() {
+        // Syntax errors: the line and column are the whole story.
+        return None;
+    }
+    let serde_json::Value::Object(top) = serde_json::from_str(text).ok()? else {
+        return None;
+    };
+    let full = err.to_string();
+    let mut found = Vec::new();
+    let mut consider = |path: String, e: Option<serde_json::Error>| {
+        if e.is_some_and(|e| full.starts_with(&e.to_string())) {
+            found.push(path);
+        }
+    };
+    for (key, value) in &top {
+        match key.as_str() {
+            "boot-source" => consider(key.clone(), fails_as::<BootSourceConfig>(value)),
+            "machine-config" => consider(key.clone(), fails_as::<Option<MachineConfig>>(value)),
+            "logger" => consider(key.clone(), fails_as::<Option<LoggerConfig>>(value)),
+            "metrics" => consider(key.clone(), fails_as::<Option<MetricsConfig>>(value)),
+            "drives" | "network-interfaces" => match value.as_array() {
+                Some(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let e = if key == "drives" {
+                            fails_as::<DriveConfig>(item)
+                        } else {
+                            fails_as::<NetworkInterfaceConfig>(item)
+                        };
+                        consider(format!("{key}[{i}]"), e);
+                    }
+                }
+                None => consider(key.clone(), fails_as::<Option<Vec<()>>>(value)),
+            },
+            _ => {}
+        }
+    }
+    // Two sections failing with the same message: better no context than a wrong one.
+    match found.as_slice() {
+        [one] => Some(one.clone()),
+        _ => None,
+    }
+}
+
+fn fails_as<T: DeserializeOwned>(value: &serde_json::Value) -> Option<serde_json::Error> {
+    serde_json::from_value::<T>(value.clone()).err()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"{"boot-source": {"kernel_image_path": "/vmlinux"}}"#;
+
+    /// A Firecracker config file as its documentation writes them, nulls and all.
+    const FULL: &str = r#"{
+      "boot-source": {
+        "kernel_image_path": "/vmlinux",
+        "boot_args": "console=ttyS0 reboot=k panic=1",
+        "initrd_path": null
+      },
+      "drives": [
+        {
+          "drive_id": "rootfs",
+          "partuuid": null,
+          "is_root_device": true,
+          "cache_type": "Unsafe",
+          "is_read_only": false,
+          "path_on_host": "/rootfs.ext4",
+          "io_engine": "Sync",
+          "rate_limiter": null,
+          "socket": null
+        },
+        {"drive_id": "data", "path_on_host": "/data.img", "is_root_device": false,
+         "is_read_only": true, "cache_type": "Writeback"}
+      ],
+      "machine-config": {
+        "vcpu_count": 2,
+        "mem_size_mib": 1024,
+        "smt": false,
+        "track_dirty_pages": false,
+        "huge_pages": "None"
+      },
+      "cpu-config": null,
+      "balloon": null,
+      "network-interfaces": [
+        {"iface_id": "net1", "guest_mac": "06:00:AC:10:00:02", "host_dev_name": "tap0"}
+      ],
+      "vsock": null,
+      "logger": {"log_path": "/tmp/fc.log", "level": "debug", "show_level": true,
+                 "show_log_origin": false},
+      "metrics": {"metrics_path": "/tmp/metrics.fifo"},
+      "mmds-config": null,
+      "entropy": null,
+      "pmem": [],
+      "memory-hotplug": null
+    }"#;
+
+    fn err(text: &str) -> String {
+        VmConfig::from_json(text).unwrap_err().to_string()
+    }
+
+    /// Puts `extra` (a `"key": value` fragment) into a minimal valid file.
+    fn with(extra: &str) -> String {
+        format!(r#"{{"boot-source": {{"kernel_image_path": "/k"}}, {extra}}}"#)
+    }
+
+    #[test]
+    fn minimal_file_gets_firecracker_defaults() {
+        let c = VmConfig::from_json(MINIMAL).unwrap();
+        assert_eq!(c.boot_source.kernel_image_path, "/vmlinux");
+        assert_eq!(c.machine_config, MachineConfig::default());
+        assert_eq!(
+            (c.machine_config.vcpu_count, c.machine_config.mem_size_mib),
+            (1, 128)
+        );
+        assert!(c.drives.is_empty() && c.network_interfaces.is_empty());
+        assert!(c.logger.is_none() && c.metrics.is_none());
+        let c = VmConfig::from_json(&with(
+            r#""machine-config": null, "drives": null, "network-interfaces": null"#,
+        ))
+        .unwrap();
+        assert_eq!(c.machine_config, MachineConfig::default());
+    }
+
+    #[test]
+    fn full_file() {
+        let c = VmConfig::from_json(FULL).unwrap();
+        assert_eq!(c.machine_config.vcpu_count, 2);
+        assert_eq!(c.machine_config.mem_size_mib, 1024);
+        assert_eq!(c.drives.len(), 2);
+        assert_eq!(
+            c.drives.get(1).map(|d| d.cache_type),
+            Some(CacheType::Writeback)
+        );
+        assert_eq!(
+            c.network_interfaces.first().and_then(|n| n.guest_mac),
+            Some(MacAddr([6, 0, 0xac, 0x10, 0, 2]))
+        );
+        assert_eq!(
+            c.logger.as_ref().and_then(|l| l.level),
+            Some(LogLevel::Debug)
+        );
+        assert_eq!(
+            c.metrics.map(|m| m.metrics_path).as_deref(),
+            Some("/tmp/metrics.fifo")
+        );
+    }
+
+    #[test]
+    fn round_trip() {
+        for text in [MINIMAL, FULL] {
+            let c = VmConfig::from_json(text).unwrap();
+            let json = c.to_json();
+            assert_eq!(VmConfig::from_json(&json).unwrap(), c, "{json}");
+        }
+        // Unset unsupported resources are left out of the output.
+        let json = VmConfig::from_json(FULL).unwrap().to_json();
+        assert!(
+            !json.contains("balloon") && !json.contains("pmem"),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn boot_source_is_required() {
+        let e = err("{}");
+        assert!(e.contains("missing field `boot-source`"), "{e}");
+        let e = err(r#"{"boot-source": {"kernel_image_path": ""}}"#);
+        assert!(
+            e.starts_with("boot-source.kernel_image_path must not be empty"),
+            "{e}"
+        );
+        // The API's starting state is not bootable until PUT /boot-source.
+        assert!(matches!(
+            VmConfig::default().validate(),
+            Err(ConfigError::BootSource(_))
+        ));
+    }
+
+    #[test]
+    fn resource_errors_name_their_path() {
+        let cases = [
+            (
+                r#""machine-config": {"vcpu_count": 33, "mem_size_mib": 128}"#,
+                "machine-config.vcpu_count must be between 1 and 32, got 33",
+            ),
+            (
+                r#""machine-config": {"vcpu_count": 2, "mem_size_mib": 128, "smt": true}"#,
+                "machine-config.smt is not supported by ember",
+            ),
+            (
+                r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "C3"}"#,
+                "machine-config.cpu_template `C3` is not supported by ember",
+            ),
+            (
+                r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}"#,
+                "machine-config.huge_pages `2M` is not supported by ember",
+            ),
+            (
+                r#""drives": [{"drive_id": "a", "path_on_host": "/a", "is_root_device": true},
+                              {"drive_id": "b!", "path_on_host": "/b", "is_root_device": false}]"#,
+                "drives[1].drive_id `b!` is invalid",
+            ),
+            (
+                r#""drives": [{"drive_id": "a", "path_on_host": "/a", "is_root_device": true},
+                              {"drive_id": "a", "path_on_host": "/b", "is_root_device": false}]"#,
+                "drives[1].drive_id `a` is used by more than one drive",
+            ),
+            (
+                r#""drives": [{"drive_id": "a", "path_on_host": "/a", "is_root_device": true},
+                              {"drive_id": "b", "path_on_host": "/b", "is_root_device": true}]"#,
+                "drives[1].is_root_device: drive `a` is already the root device",
+            ),
+            (
+                r#""drives": [{"drive_id": "a", "path_on_host": "/a", "is_root_device": true,
+                               "io_engine": "Async"}]"#,
+                "drives[0].io_engine `Async` is not supported by ember",
+            ),
+            (
+                r#""network-interfaces": [{"iface_id": "n", "host_dev_name": "averyveryverylongtap"}]"#,
+                "network-interfaces[0].host_dev_name `averyveryverylongtap` is invalid",
+            ),
+            (
+                r#""network-interfaces": [{"iface_id": "n", "host_dev_name": "t0"},
+                                          {"iface_id": "n", "host_dev_name": "t1"}]"#,
+                "network-interfaces[1].iface_id `n` is used by more than one",
+            ),
+            (
+                r#""network-interfaces": [{"iface_id": "a", "host_dev_name": "t0", "guest_mac": "06:00:00:00:00:01"},
+                                          {"iface_id": "b", "host_dev_name": "t1", "guest_mac": "06:00:00:00:00:01"}]"#,
+                "network-interfaces[1].guest_mac 06:00:00:00:00:01 is already used",
+            ),
+            (
+                r#""logger": {"log_path": ""}"#,
+                "logger.log_path must not be empty",
+            ),
+            (
+                r#""metrics": {"metrics_path": ""}"#,
+                "metrics.metrics_path must not be empty",
+            ),
+        ];
+        for (extra, want) in cases {
+            let e = err(&with(extra));
+            assert!(e.starts_with(want), "{extra}\n  got: {e}\n want: {want}");
+        }
+    }
+
+    #[test]
+    fn json_errors_name_the_field_or_section() {
+        let cases = [
+            (r#""vcpus": 1"#, "unknown field `vcpus`"),
+            (
+                r#""machine-config": {"vcpu_count": "2", "mem_size_mib": 1}"#,
+                "machine-config: invalid type: string \"2\"",
+            ),
+            (
+                r#""machine-config": {"vcpu_count": 300, "mem_size_mib": 1}"#,
+                "machine-config: invalid value: integer `300`",
+            ),
+            (
+                r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 1, "foo": 1}"#,
+                "machine-config: unknown field `foo`",
+            ),
+            (
+                r#""drives": [{"drive_id": "a", "path_on_host": "/a", "is_root_device": "yes"}]"#,
+                "drives[0]: invalid type: string \"yes\", expected a boolean",
+            ),
+            (
+                r#""network-interfaces": [{"iface_id": "a", "host_dev_name": "t", "guest_mac": "06:00"}]"#,
+                "network-interfaces[0]: invalid MAC address `06:00`",
+            ),
+            (
+                r#""drives": {}"#,
+                "drives: invalid type: map, expected a sequence",
+            ),
+            (
+                r#""logger": {"level": "verbose"}"#,
+                "logger: unknown log level `verbose`",
+            ),
+        ];
+        for (extra, want) in cases {
+            let e = err(&with(extra));
+            assert!(e.starts_with(want), "{extra}\n  got: {e}\n want: {want}");
+            assert!(e.contains(" at line 1 column "), "{e}");
+        }
+        let e = err("{\"boot-source\": ");
+        assert!(e.contains("EOF while parsing"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_resources() {
+        for (key, value) in [
+            ("balloon", r#"{"amount_mib": 64, "deflate_on_oom": true}"#),
+            ("vsock", r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#),
+            ("mmds-config", r#"{"network_interfaces": ["net1"]}"#),
+            (
+                "entropy",
+                r#"{"rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}"#,
+            ),
+            ("cpu-config", r#""/templates/t2.json""#),
+            ("memory-hotplug", r#"{"total_size_mib": 1024}"#),
+            ("serial", r#"{"serial_out_path": "/s"}"#),
+            ("pmem", r#"[{"id": "p", "path_on_host": "/p"}]"#),
+        ] {
+            let e = err(&with(&format!(r#""{key}": {value}"#)));
+            assert_eq!(
+                e,
+                format!("`{key}` is not supported by ember; leave it out or set it to null")
+            );
+            for unset in ["null", "{}", "[]"] {
+                assert!(
+                    VmConfig::from_json(&with(&format!(r#""{key}": {unset}"#))).is_ok(),
+                    "{key}: {unset}"
+                );
+            }
+        }
+        assert_eq!(unsupported::UNSUPPORTED_RESOURCES.len(), 8);
+    }
+
+    #[test]
+    fn device_limit() {
+        let drives: Vec<String> = (0..VIRTIO_MMIO_MAX_DEVICES + 1)
+            .map(|i| {
+                format!(r#"{{"drive_id": "d{i}", "path_on_host": "/d", "is_root_device": false}}"#)
+            })
+            .collect();
+        let e = err(&with(&format!(r#""drives": [{}]"#, drives.join(","))));
+        assert!(
+            e.starts_with("drives and network-interfaces: 19 devices configured"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,218 @@
+//! Applies `Action`s on the VMM thread: the pre-boot configuration, InstanceStart, and
+//! the running VM's controls. The API and the config file both come through here.
+
+use std::sync::Arc;
+
+use crate::action::{Action, ActionError, ActionOk, ActionResult};
+use crate::builder;
+use crate::config::{self, VmConfig};
+use crate::metrics::{METRICS, timeline_mark};
+use crate::vcpu::ExitSignal;
+use crate::vmm::{EventLoop, Vmm};
+
+/// Firecracker's wording, so SDKs that match on it keep working.
+const NOT_AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
+const NOT_BEFORE_START: &str = "The requested operation is not supported before starting the microVM.";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    NotStarted,
+    Running,
+    Paused,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::NotStarted => "Not started",
+            State::Running => "Running",
+            State::Paused => "Paused",
+        }
+    }
+}
+
+pub struct Controller {
+    pub id: String,
+    pub config: VmConfig,
+    pub vmm: Option<Vmm>,
+    state: State,
+    exit: Arc<ExitSignal>,
+    boot_timer: bool,
+}
+
+fn json(v: serde_json::Value) -> ActionResult {
+    Ok(ActionOk::Json(v.to_string()))
+}
+
+fn bad(e: impl std::fmt::Display) -> ActionError {
+    ActionError::bad_request(e.to_string())
+}
+
+impl Controller {
+    pub fn new(id: String, config: VmConfig, exit: Arc<ExitSignal>, boot_timer: bool) -> Controller {
+        Controller {
+            id,
+            config,
+            vmm: None,
+            state: State::NotStarted,
+            exit,
+            boot_timer,
+        }
+    }
+
+    /// Everything a clean stop owes: device data made durable, the terminal restored.
+    pub fn shutdown(&mut self) {
+        if let Some(vmm) = &self.vmm {
+            vmm.flush();
+        }
+        crate::vmm::restore_terminal();
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    fn pre_boot(&self) -> Result<(), ActionError> {
+        match self.state {
+            State::NotStarted => Ok(()),
+            _ => Err(ActionError::bad_request(NOT_AFTER_START)),
+        }
+    }
+
+    fn running(&self) -> Result<&Vmm, ActionError> {
+        self.vmm
+            .as_ref()
+            .ok_or_else(|| ActionError::bad_request(NOT_BEFORE_START))
+    }
+
+    /// Builds and starts the VM from the current configuration.
+    pub fn start_instance(&mut self, event_loop: &mut EventLoop) -> Result<(), builder::BuildError> {
+        timeline_mark(&METRICS.t_instance_start_us);
+        let opts = builder::BuildOptions {
+            boot_timer: self.boot_timer,
+        };
+        let built = builder::build(&self.config, &opts, self.exit.clone())?;
+        crate::vmm::stdin_raw_mode();
+        let vmm = Vmm::start(built, event_loop).map_err(builder::BuildError::Io)?;
+        self.vmm = Some(vmm);
+        self.state = State::Running;
+        Ok(())
+    }
+
+    pub fn handle(&mut self, action: Action, event_loop: &mut EventLoop) -> ActionResult {
+        match action {
+            Action::GetInstanceInfo => json(serde_json::json!({
+                "id": self.id,
+                "state": self.state.as_str(),
+                "vmm_version": env!("CARGO_PKG_VERSION"),
+                "app_name": "ember",
+            })),
+            Action::GetVersion => json(serde_json::json!({
+                "firecracker_version": env!("CARGO_PKG_VERSION"),
+            })),
+            Action::GetMachineConfig => Ok(ActionOk::Json(
+                serde_json::to_string(&self.config.machine_config).map_err(bad)?,
+            )),
+            Action::GetVmConfig => Ok(ActionOk::Json(self.config.to_json())),
+            Action::PutBootSource(b) => {
+                self.pre_boot()?;
+                b.validate().map_err(bad)?;
+                self.config.boot_source = b;
+                Ok(ActionOk::NoContent)
+            }
+            Action::PutMachineConfig(m) => {
+                self.pre_boot()?;
+                m.validate().map_err(bad)?;
+                self.config.machine_config = m;
+                Ok(ActionOk::NoContent)
+            }
+            Action::PatchMachineConfig(u) => {
+                self.pre_boot()?;
+                if u.is_empty() {
+                    return Err(ActionError::bad_request(
+                        "PATCH /machine-config needs at least one field to change",
+                    ));
+                }
+                self.config.machine_config = u.apply(&self.config.machine_config).map_err(bad)?;
+                Ok(ActionOk::NoContent)
+            }
+            Action::PutDrive(d) => {
+                self.pre_boot()?;
+                config::drive::insert_drive(&mut self.config.drives, d).map_err(bad)?;
+                Ok(ActionOk::NoContent)
+            }
+            Action::PatchDrive(u) => {
+                let _ = self.running()?;
+                u.validate().map_err(bad)?;
+                Err(ActionError::bad_request(
+                    "updating a drive after start is not implemented yet",
+                ))
+            }
+            Action::PutNetworkInterface(n) => {
+                self.pre_boot()?;
+                config::net::insert_network_interface(&mut self.config.network_interfaces, n)
+                    .map_err(bad)?;
+                Ok(ActionOk::NoContent)
+            }
+            Action::PutLogger(l) => {
+                self.pre_boot()?;
+                l.validate().map_err(bad)?;
+                crate::logger::apply_config(&l).map_err(bad)?;
+                self.config.logger = Some(l);
+                Ok(ActionOk::NoContent)
+            }
+            Action::PutMetrics(m) => {
+                self.pre_boot()?;
+                crate::metrics::set_output(&m.metrics_path).map_err(bad)?;
+                self.config.metrics = Some(m);
+                Ok(ActionOk::NoContent)
+            }
+            Action::InstanceStart => {
+                self.pre_boot()?;
+                if self.config.boot_source.kernel_image_path.is_empty() {
+                    return Err(ActionError::bad_request(
+                        "Cannot start microvm without kernel configuration: PUT /boot-source first.",
+                    ));
+                }
+                self.config.validate().map_err(bad)?;
+                self.start_instance(event_loop).map_err(bad)?;
+                Ok(ActionOk::NoContent)
+            }
+            Action::SendCtrlAltDel => {
+                let vmm = self.running()?;
+                let sent = vmm
+                    .i8042
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .send_ctrl_alt_del();
+                if sent {
+                    Ok(ActionOk::NoContent)
+                } else {
+                    Err(ActionError::bad_request(
+                        "the guest's keyboard buffer is full: it has not read earlier keys",
+                    ))
+                }
+            }
+            Action::FlushMetrics => {
+                crate::metrics::flush().map_err(bad)?;
+                Ok(ActionOk::NoContent)
+            }
+            Action::Pause => {
+                let vmm = self.running()?;
+                if self.state == State::Running {
+                    vmm.pause();
+                    self.state = State::Paused;
+                }
+                Ok(ActionOk::NoContent)
+            }
+            Action::Resume => {
+                let vmm = self.running()?;
+                if self.state == State::Paused {
+                    vmm.resume();
+                    self.state = State::Running;
+                }
+                Ok(ActionOk::NoContent)
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The 8250 UART at 0x3f8 (vm-superio), its console output and input.
+//!
+//! Output never stalls a vCPU: when nobody reads stdout (a full pipe, a stopped
+//! terminal), bytes are dropped and counted instead of blocking the vCPU thread.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::Ordering;
+
+use vm_superio::serial::SerialEvents;
+use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::BusDevice;
+use crate::metrics::METRICS;
+use crate::vm::irq::IrqLine;
+
+/// Counters and wake-ups the UART reports.
+pub struct ConsoleEvents {
+    /// Written when the guest empties the receive FIFO, so the event loop reads stdin again.
+    pub input_space: EventFd,
+}
+
+impl SerialEvents for ConsoleEvents {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {
+        METRICS.serial_out_bytes.fetch_add(1, Ordering::Relaxed);
+    }
+    fn tx_lost_byte(&self) {
+        METRICS.serial_dropped_bytes.fetch_add(1, Ordering::Relaxed);
+    }
+    fn in_buffer_empty(&self) {
+        let _ = self.input_space.write(1);
+    }
+}
+
+/// Where guest console output goes.
+pub enum ConsoleOut {
+    /// A file description of our own in non-blocking mode (pipes, terminals).
+    NonBlocking(File),
+    /// A socket: sent with MSG_DONTWAIT, leaving the shared description alone.
+    Socket(std::os::fd::RawFd),
+    /// A regular file or anything else that cannot block for long: plain writes.
+    Plain(File),
+    Sink,
+}
+
+impl ConsoleOut {
+    /// Console output on this process's stdout. For a pipe or terminal, stdout is reopened
+    /// through /proc so that O_NONBLOCK applies to our own file description only, not to
+    /// the one shared with the parent (which would surprise the shell that started us).
+    pub fn stdout() -> ConsoleOut {
+        let fd = libc::STDOUT_FILENO;
+        // SAFETY: fstat on a valid descriptor number with a properly sized out-parameter.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; the result is checked.
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            return ConsoleOut::Sink;
+        }
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFIFO | libc::S_IFCHR => {
+                match std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags_nonblock()
+                    .open("/proc/self/fd/1")
+                {
+                    Ok(f) => ConsoleOut::NonBlocking(f),
+                    Err(_) => dup_stdout(),
+                }
+            }
+            libc::S_IFSOCK => ConsoleOut::Socket(fd),
+            _ => dup_stdout(),
+        }
+    }
+}
+
+trait NonBlockOpen {
+    fn custom_flags_nonblock(&mut self) -> &mut Self;
+}
+impl NonBlockOpen for std::fs::OpenOptions {
+    fn custom_flags_nonblock(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+    }
+}
+
+fn dup_stdout() -> ConsoleOut {
+    // SAFETY: dup of stdout; the new descriptor is owned by the returned File.
+    let fd = unsafe { libc::fcntl(libc::STDOUT_FILENO, libc::F_DUPFD_CLOEXEC, 3) };
+    if fd < 0 {
+        return ConsoleOut::Sink;
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    ConsoleOut::Plain(unsafe { File::from_raw_fd(fd) })
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            ConsoleOut::NonBlocking(f) | ConsoleOut::Plain(f) => f.write(buf),
+            ConsoleOut::Socket(fd) => {
+                // SAFETY: send on a descriptor we hold, from a valid buffer of buf.len() bytes.
+                let n = unsafe {
+                    libc::send(
+                        *fd,
+                        buf.as_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }
+            ConsoleOut::Sink => Ok(buf.len()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsRawFd for ConsoleOut {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            ConsoleOut::NonBlocking(f) | ConsoleOut::Plain(f) => f.as_raw_fd(),
+            ConsoleOut::Socket(fd) => *fd,
+            ConsoleOut::Sink => -1,
+        }
+    }
+}
+
+/// Output wrapper recording the first byte's time (the boot timeline's "first serial output").
+pub struct TimedOut(pub ConsoleOut);
+
+impl Write for TimedOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        crate::metrics::timeline_mark_once(&METRICS.t_first_serial_us);
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+pub type Uart = Serial<IrqLine, ConsoleEvents, TimedOut>;
+
+/// The UART on the port bus.
+pub struct SerialDevice {
+    pub uart: Uart,
+}
+
+impl SerialDevice {
+    pub fn new(irq: IrqLine, out: ConsoleOut, input_space: EventFd) -> SerialDevice {
+        SerialDevice {
+            uart: Serial::with_events(irq, ConsoleEvents { input_space }, TimedOut(out)),
+        }
+    }
+
+    /// Queues console input for the guest; returns how many bytes fitted.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.uart.fifo_capacity().min(bytes.len());
+        if room == 0 {
+            return 0;
+        }
+        match self.uart.enqueue_raw_bytes(&bytes[..room]) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("serial input: {e:?}");
+                0
+            }
+        }
+    }
+
+    pub fn input_room(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let Ok(off) = u8::try_from(offset) else {
+            data.fill(0xff);
+            return;
+        };
+        if let Some(first) = data.first_mut() {
+            *first = self.uart.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (Ok(off), Some(value)) = (u8::try_from(offset), data.first()) else {
+            return;
+        };
+        // Output errors are counted through ConsoleEvents::tx_lost_byte; the guest never
+        // waits on them.
+        let _ = self.uart.write(off, *value);
+    }
+}

@@ -1,0 +1,14 @@
+//! ember: a minimal KVM microVM monitor.
+
+pub mod builder;
+pub mod cli;
+pub mod config;
+pub mod devices;
+pub mod exit_code;
+pub mod logger;
+pub mod metrics;
+pub mod vcpu;
+pub mod vm;
+pub mod vmm;
+pub mod action;
+pub mod controller;

@@ -1,0 +1,173 @@
+//! ember's entry point: flags, configuration, then the VMM thread's event loop.
+
+use std::sync::{Arc, Mutex};
+
+use ember::action::Action;
+use ember::controller::Controller;
+use ember::vcpu::{ExitSignal, VmExit};
+use ember::vmm::{EventLoop, ProcessControl, Subscriber};
+use event_manager::SubscriberOps;
+use ember::{cli, config, exit_code, logger, metrics, vmm};
+
+fn fail(code: i32, msg: impl std::fmt::Display) -> ! {
+    vmm::restore_terminal();
+    log::error!("{msg}");
+    // Also on stderr when the log goes elsewhere or is off, so a user always sees why.
+    if !log::log_enabled!(log::Level::Error) || log_to_file() {
+        eprintln!("ember: {msg}");
+    }
+    std::process::exit(code);
+}
+
+fn log_to_file() -> bool {
+    std::env::args().any(|a| a == "--log-path" || a.starts_with("--log-path="))
+}
+
+fn main() {
+    metrics::start();
+    std::panic::set_hook(Box::new(|info| {
+        vmm::restore_terminal();
+        eprintln!("ember: internal error: {info}");
+        std::process::exit(exit_code::UNEXPECTED_ERROR);
+    }));
+
+    let args = match cli::parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("ember: {e}");
+            std::process::exit(exit_code::ARG_PARSING);
+        }
+    };
+    if args.help {
+        print!("{}", cli::USAGE);
+        return;
+    }
+    if args.version {
+        println!("ember v{}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
+    let level = match args.level.as_deref().map(cli::parse_level) {
+        None => log::LevelFilter::Warn,
+        Some(Some(l)) => l,
+        Some(None) => {
+            eprintln!(
+                "ember: `--level`: unknown level (use Off, Error, Warning, Info, Debug or Trace)"
+            );
+            std::process::exit(exit_code::ARG_PARSING);
+        }
+    };
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| "anonymous-instance".into());
+    logger::init(&id, level, args.show_level, args.show_log_origin);
+    if let Some(path) = &args.log_path {
+        match std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+        {
+            Ok(f) => logger::set_output(f),
+            Err(e) => {
+                eprintln!("ember: cannot open log file {}: {e}", path.display());
+                std::process::exit(exit_code::ARG_PARSING);
+            }
+        }
+    }
+    if let Some(path) = &args.metrics_path
+        && let Err(e) = metrics::set_output(&path.to_string_lossy())
+    {
+        eprintln!("ember: {e}");
+        std::process::exit(exit_code::ARG_PARSING);
+    }
+
+    // The configuration file, if any: parsed and validated before anything else happens.
+    let file_config = args.config_file.as_ref().map(|path| {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => fail(
+                exit_code::BAD_CONFIGURATION,
+                format!("cannot read config file {}: {e}", path.display()),
+            ),
+        };
+        match config::VmConfig::from_json(&text) {
+            Ok(c) => c,
+            Err(e) => fail(
+                exit_code::BAD_CONFIGURATION,
+                format!("invalid config file {}: {e}", path.display()),
+            ),
+        }
+    });
+    if let Some(c) = &file_config {
+        if let Some(l) = &c.logger
+            && let Err(e) = logger::apply_config(l)
+        {
+            fail(exit_code::BAD_CONFIGURATION, e);
+        }
+        if let Some(m) = &c.metrics
+            && let Err(e) = metrics::set_output(&m.metrics_path)
+        {
+            fail(exit_code::BAD_CONFIGURATION, e);
+        }
+    }
+    metrics::timeline_mark(&metrics::METRICS.t_config_ready_us);
+
+    if let Err(e) = vmm::block_stop_signals() {
+        fail(exit_code::GENERIC_ERROR, format!("cannot block signals: {e}"));
+    }
+    let exit = match ExitSignal::new() {
+        Ok(e) => Arc::new(e),
+        Err(e) => fail(exit_code::GENERIC_ERROR, format!("cannot create eventfd: {e}")),
+    };
+    let mut event_loop = match EventLoop::new() {
+        Ok(em) => em,
+        Err(e) => fail(exit_code::GENERIC_ERROR, format!("cannot create event loop: {e:?}")),
+    };
+    match ProcessControl::new(exit.clone()) {
+        Ok(pc) => {
+            let pc: Subscriber = Arc::new(Mutex::new(pc));
+            event_loop.add_subscriber(pc);
+        }
+        Err(e) => fail(exit_code::GENERIC_ERROR, format!("cannot watch signals: {e}")),
+    }
+
+    let mut controller = Controller::new(
+        id,
+        file_config.clone().unwrap_or_default(),
+        exit.clone(),
+        args.boot_timer,
+    );
+    if file_config.is_some()
+        && let Err(e) = controller.handle(Action::InstanceStart, &mut event_loop)
+    {
+        fail(exit_code::BAD_CONFIGURATION, format!("cannot start the VM: {}", e.message));
+    }
+    if file_config.is_none() {
+        fail(
+            exit_code::ARG_PARSING,
+            "the API server is not built yet: use --no-api --config-file",
+        );
+    }
+
+    let why = loop {
+        if let Some(why) = exit.reason() {
+            break why;
+        }
+        if let Err(e) = event_loop.run() {
+            break VmExit::VmmError(format!("event loop: {e:?}"));
+        }
+    };
+    controller.shutdown();
+    match &why {
+        VmExit::GuestReset | VmExit::GuestShutdown | VmExit::Signal(_) => {
+            log::info!("VM stopped: {why}")
+        }
+        _ => log::error!("VM stopped: {why}"),
+    }
+    if why.exit_code() != 0 && !log::log_enabled!(log::Level::Error) {
+        eprintln!("ember: VM stopped: {why}");
+    }
+    log::info!("{}", metrics::timeline_summary());
+    let _ = metrics::flush();
+    std::process::exit(why.exit_code());
+}

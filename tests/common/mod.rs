@@ -1,0 +1,155 @@
+//! Shared helpers for integration tests: they boot real VMs under KVM with the ember
+//! binary and the test guest (tests/guest, built by build.rs).
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const EMBER: &str = env!("CARGO_BIN_EXE_ember");
+pub const GUEST: &str = env!("EMBER_TEST_GUEST");
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("ember-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a finished ember run left behind.
+#[derive(Debug)]
+pub struct Outcome {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub timed_out: bool,
+}
+
+impl Outcome {
+    pub fn assert_ok(&self) {
+        assert!(!self.timed_out, "ember timed out\n{self:#?}");
+        assert_eq!(self.code, Some(0), "ember failed\n{self:#?}");
+    }
+    pub fn has_line(&self, line: &str) -> bool {
+        self.stdout.lines().any(|l| l.trim_end() == line)
+    }
+}
+
+/// A config file for the test guest with `boot_args` and optional extra top-level JSON.
+pub fn guest_config(boot_args: &str, vcpus: u32, mem_mib: u64, extra: &str) -> String {
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(", {extra}")
+    };
+    format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{GUEST}", "boot_args": "{boot_args}"}},
+            "machine-config": {{"vcpu_count": {vcpus}, "mem_size_mib": {mem_mib}}}{extra}}}"#
+    )
+}
+
+/// Spawns ember with `args`, stdin from /dev/null, stdout/stderr piped.
+pub fn spawn(args: &[&str]) -> Child {
+    Command::new(EMBER)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ember")
+}
+
+/// Waits for `child` up to `timeout`, killing it after; collects its output.
+pub fn wait(mut child: Child, timeout: Duration) -> Outcome {
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let start = Instant::now();
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if start.elapsed() > timeout {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().expect("wait");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Outcome {
+        code: status.code(),
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+        timed_out,
+    }
+}
+
+/// Runs ember on a config file holding `config`.
+pub fn run_config(config: &str, extra_args: &[&str], timeout: Duration) -> Outcome {
+    let dir = TempDir::new("cfg");
+    let path = dir.path("vm.json");
+    std::fs::write(&path, config).expect("write config");
+    let p = path.to_string_lossy().into_owned();
+    let mut args = vec!["--no-api", "--config-file", p.as_str()];
+    args.extend_from_slice(extra_args);
+    wait(spawn(&args), timeout)
+}
+
+/// Reads lines from a child's stdout until one satisfies `pred`, or the timeout.
+pub fn read_until(
+    reader: &mut impl std::io::BufRead,
+    timeout: Duration,
+    mut pred: impl FnMut(&str) -> bool,
+) -> Option<String> {
+    let start = Instant::now();
+    let mut line = String::new();
+    while start.elapsed() < timeout {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => return None,
+            Ok(_) => {
+                if pred(line.trim_end()) {
+                    return Some(line.trim_end().to_string());
+                }
+            }
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+pub fn send_signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
