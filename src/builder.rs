@@ -164,6 +164,13 @@ pub fn build(
             Arc::new(Mutex::new(crate::devices::boot_timer::BootTimer)),
         )?;
     }
+    if opts.boot_timer {
+        mmio.insert(
+            BOOT_TIMER_START,
+            BOOT_TIMER_SIZE,
+            Arc::new(Mutex::new(crate::devices::boot_timer::BootTimer)),
+        )?;
+    }
     let reset_evt = EventFd::new(EFD_NONBLOCK)?;
     let i8042 = Arc::new(Mutex::new(I8042::new(reset_evt.try_clone()?, kbd_irq)));
     pio.insert(

@@ -11,8 +11,10 @@ use crate::vcpu::ExitSignal;
 use crate::vmm::{EventLoop, Vmm};
 
 /// Firecracker's wording, so SDKs that match on it keep working.
-const NOT_AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
-const NOT_BEFORE_START: &str = "The requested operation is not supported before starting the microVM.";
+const NOT_AFTER_START: &str =
+    "The requested operation is not supported after starting the microVM.";
+const NOT_BEFORE_START: &str =
+    "The requested operation is not supported before starting the microVM.";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -49,7 +51,12 @@ fn bad(e: impl std::fmt::Display) -> ActionError {
 }
 
 impl Controller {
-    pub fn new(id: String, config: VmConfig, exit: Arc<ExitSignal>, boot_timer: bool) -> Controller {
+    pub fn new(
+        id: String,
+        config: VmConfig,
+        exit: Arc<ExitSignal>,
+        boot_timer: bool,
+    ) -> Controller {
         Controller {
             id,
             config,
@@ -86,7 +93,10 @@ impl Controller {
     }
 
     /// Builds and starts the VM from the current configuration.
-    pub fn start_instance(&mut self, event_loop: &mut EventLoop) -> Result<(), builder::BuildError> {
+    pub fn start_instance(
+        &mut self,
+        event_loop: &mut EventLoop,
+    ) -> Result<(), builder::BuildError> {
         timeline_mark(&METRICS.t_instance_start_us);
         let opts = builder::BuildOptions {
             boot_timer: self.boot_timer,

@@ -1,8 +1,11 @@
 //! ember: a minimal KVM microVM monitor.
 
+pub mod action;
+pub mod api;
 pub mod builder;
 pub mod cli;
 pub mod config;
+pub mod controller;
 pub mod devices;
 pub mod exit_code;
 pub mod logger;
@@ -10,5 +13,3 @@ pub mod metrics;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;
-pub mod action;
-pub mod controller;

@@ -105,7 +105,11 @@ impl Log for Logger {
         let mut line = format!(
             "{} [{}:{}]",
             timestamp(),
-            if g.id.is_empty() { "anonymous-instance" } else { &g.id },
+            if g.id.is_empty() {
+                "anonymous-instance"
+            } else {
+                &g.id
+            },
             thread.name().unwrap_or("?")
         );
         if g.show_level {
@@ -139,7 +143,9 @@ pub fn apply_config(c: &crate::config::LoggerConfig) -> std::io::Result<()> {
             .append(true)
             .create(true)
             .open(path)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot open log_path {path}: {e}")))?;
+            .map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot open log_path {path}: {e}"))
+            })?;
         set_output(f);
     }
     configure(

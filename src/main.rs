@@ -6,8 +6,28 @@ use ember::action::Action;
 use ember::controller::Controller;
 use ember::vcpu::{ExitSignal, VmExit};
 use ember::vmm::{EventLoop, ProcessControl, Subscriber};
+use ember::{action, api, cli, config, exit_code, logger, metrics, vmm};
+
+/// Firecracker's default is /run/firecracker.socket.
+const DEFAULT_API_SOCK: &str = "/run/ember.socket";
+/// Metrics are flushed this often when a metrics path is set (Firecracker: 60 s).
+const METRICS_PERIOD_MS: i32 = 60_000;
+
+/// Wakes the event loop when the API thread has sent an action.
+struct ApiWake(Arc<vmm_sys_util::eventfd::EventFd>);
+
+impl event_manager::MutEventSubscriber for ApiWake {
+    fn process(&mut self, _events: event_manager::Events, _ops: &mut event_manager::EventOps) {
+        let _ = self.0.read();
+    }
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        let _ = ops.add(event_manager::Events::new(
+            &*self.0,
+            vmm_sys_util::epoll::EventSet::IN,
+        ));
+    }
+}
 use event_manager::SubscriberOps;
-use ember::{cli, config, exit_code, logger, metrics, vmm};
 
 fn fail(code: i32, msg: impl std::fmt::Display) -> ! {
     vmm::restore_terminal();
@@ -113,22 +133,34 @@ fn main() {
     metrics::timeline_mark(&metrics::METRICS.t_config_ready_us);
 
     if let Err(e) = vmm::block_stop_signals() {
-        fail(exit_code::GENERIC_ERROR, format!("cannot block signals: {e}"));
+        fail(
+            exit_code::GENERIC_ERROR,
+            format!("cannot block signals: {e}"),
+        );
     }
     let exit = match ExitSignal::new() {
         Ok(e) => Arc::new(e),
-        Err(e) => fail(exit_code::GENERIC_ERROR, format!("cannot create eventfd: {e}")),
+        Err(e) => fail(
+            exit_code::GENERIC_ERROR,
+            format!("cannot create eventfd: {e}"),
+        ),
     };
     let mut event_loop = match EventLoop::new() {
         Ok(em) => em,
-        Err(e) => fail(exit_code::GENERIC_ERROR, format!("cannot create event loop: {e:?}")),
+        Err(e) => fail(
+            exit_code::GENERIC_ERROR,
+            format!("cannot create event loop: {e:?}"),
+        ),
     };
     match ProcessControl::new(exit.clone()) {
         Ok(pc) => {
             let pc: Subscriber = Arc::new(Mutex::new(pc));
             event_loop.add_subscriber(pc);
         }
-        Err(e) => fail(exit_code::GENERIC_ERROR, format!("cannot watch signals: {e}")),
+        Err(e) => fail(
+            exit_code::GENERIC_ERROR,
+            format!("cannot watch signals: {e}"),
+        ),
     }
 
     let mut controller = Controller::new(
@@ -137,15 +169,39 @@ fn main() {
         exit.clone(),
         args.boot_timer,
     );
+    // The API thread, unless --no-api: it only parses and forwards actions to this thread.
+    let api = if args.no_api {
+        None
+    } else {
+        let path = args
+            .api_sock
+            .clone()
+            .unwrap_or_else(|| DEFAULT_API_SOCK.into());
+        let (sender, receiver) = match action::channel() {
+            Ok(c) => c,
+            Err(e) => fail(
+                exit_code::GENERIC_ERROR,
+                format!("cannot create eventfd: {e}"),
+            ),
+        };
+        let wake: Subscriber = Arc::new(Mutex::new(ApiWake(receiver.wake.clone())));
+        event_loop.add_subscriber(wake);
+        let max = args.max_payload.unwrap_or(api::DEFAULT_MAX_PAYLOAD);
+        if let Err(e) = api::start(&path, sender, max) {
+            fail(exit_code::GENERIC_ERROR, e);
+        }
+        Some((path, receiver))
+    };
+
     if file_config.is_some()
         && let Err(e) = controller.handle(Action::InstanceStart, &mut event_loop)
     {
-        fail(exit_code::BAD_CONFIGURATION, format!("cannot start the VM: {}", e.message));
-    }
-    if file_config.is_none() {
+        if let Some((path, _)) = &api {
+            api::remove_socket(path);
+        }
         fail(
-            exit_code::ARG_PARSING,
-            "the API server is not built yet: use --no-api --config-file",
+            exit_code::BAD_CONFIGURATION,
+            format!("cannot start the VM: {}", e.message),
         );
     }
 
@@ -153,10 +209,22 @@ fn main() {
         if let Some(why) = exit.reason() {
             break why;
         }
-        if let Err(e) = event_loop.run() {
+        if let Err(e) = event_loop.run_with_timeout(METRICS_PERIOD_MS) {
             break VmExit::VmmError(format!("event loop: {e:?}"));
         }
+        if let Some((_, receiver)) = &api {
+            while let Ok(req) = receiver.rx.try_recv() {
+                let started = std::time::Instant::now();
+                let result = controller.handle(req.action, &mut event_loop);
+                metrics::record_api_request(started.elapsed().as_micros() as u64, result.is_ok());
+                let _ = req.reply.send(result);
+            }
+        }
+        metrics::flush_if_due();
     };
+    if let Some((path, _)) = &api {
+        api::remove_socket(path);
+    }
     controller.shutdown();
     match &why {
         VmExit::GuestReset | VmExit::GuestShutdown | VmExit::Signal(_) => {

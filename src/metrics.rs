@@ -101,7 +101,9 @@ pub fn set_output(path: &str) -> std::io::Result<()> {
         .append(true)
         .create(true)
         .open(path)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot open metrics_path {path}: {e}")))?;
+        .map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot open metrics_path {path}: {e}"))
+        })?;
     *OUTPUT.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
     Ok(())
 }
@@ -126,7 +128,8 @@ pub fn record_api_request(latency_us: u64, ok: bool) {
     if !ok {
         API.errors.fetch_add(1, Ordering::Relaxed);
     }
-    API.latency_us_total.fetch_add(latency_us, Ordering::Relaxed);
+    API.latency_us_total
+        .fetch_add(latency_us, Ordering::Relaxed);
     API.latency_us_max.fetch_max(latency_us, Ordering::Relaxed);
 }
 
@@ -203,4 +206,21 @@ pub fn flush() -> std::io::Result<()> {
 /// Whether a metrics output is configured (so the periodic flush can be skipped).
 pub fn has_output() -> bool {
     OUTPUT.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+}
+
+static LAST_FLUSH: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+
+/// Flushes when a metrics output is set and the period (60 s, as Firecracker) has passed.
+pub fn flush_if_due() {
+    if !has_output() {
+        return;
+    }
+    let mut last = LAST_FLUSH.lock().unwrap_or_else(|p| p.into_inner());
+    let due = last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60));
+    if due {
+        *last = Some(Instant::now());
+        if let Err(e) = flush() {
+            log::warn!("cannot write metrics: {e}");
+        }
+    }
 }

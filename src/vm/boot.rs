@@ -286,4 +286,27 @@ mod tests {
         assert_eq!(map[1], (HIMEM_START, MMIO_GAP_START - HIMEM_START, 1));
         assert_eq!(map[2], (HIGH_RAM_START, 1 << 20, 1));
     }
+
+    /// The loader on a real bzImage: the stripped guest kernel that tools/build-guest makes
+    /// (tools/test passes its path in EMBER_BZIMAGE).
+    #[test]
+    fn loads_a_real_bzimage_at_its_64_bit_entry() {
+        let Some(path) = std::env::var_os("EMBER_BZIMAGE") else {
+            eprintln!(
+                "SKIP loads_a_real_bzimage_at_its_64_bit_entry: EMBER_BZIMAGE not set (tools/test sets it)"
+            );
+            return;
+        };
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
+        let mut f = File::open(path).unwrap();
+        let k = load_kernel(&mem, &mut f).unwrap();
+        let hdr = k.setup_header.expect("a bzImage has a setup header");
+        assert_eq!(k.entry, u64::from(hdr.code32_start) + 0x200);
+        assert!(hdr.xloadflags & XLF_KERNEL_64 != 0);
+        // The protected-mode code was copied to its load address.
+        let mut first = [0u8; 16];
+        mem.read_slice(&mut first, GuestAddress(u64::from(hdr.code32_start)))
+            .unwrap();
+        assert_ne!(first, [0u8; 16]);
+    }
 }

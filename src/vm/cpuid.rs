@@ -24,6 +24,8 @@ const ECX_AVX: u32 = 1 << 28;
 const ECX_MONITOR: u32 = 1 << 3;
 // Leaf 1 EDX.
 const EDX_HTT: u32 = 1 << 28;
+// Leaf 6 EAX.
+const EAX6_ARAT: u32 = 1 << 2;
 // Leaf 7 subleaf 0 EBX.
 const EBX7_SMAP: u32 = 1 << 20;
 const EBX7_AVX2: u32 = 1 << 5;
@@ -70,8 +72,10 @@ fn adjust_entry(e: &mut kvm_cpuid_entry2, p: CpuidParams) {
             }
         }
         6 => {
-            // No power management leaves for the guest.
-            e.eax = 0;
+            // No power management for the guest, but ARAT (the LAPIC timer keeps running
+            // in deep C-states, true of KVM's emulated LAPIC): without it Linux wants a
+            // PIT for its timer, and there is none.
+            e.eax = EAX6_ARAT;
             e.ecx = 0;
         }
         7 if e.index == 0 && p.pvm_host => {
