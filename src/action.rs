@@ -86,7 +86,9 @@ impl ActionSender {
             status: 500,
             message: "the VMM thread is not running".into(),
         };
-        self.tx.send(ActionRequest { action, reply }).map_err(|_| gone())?;
+        self.tx
+            .send(ActionRequest { action, reply })
+            .map_err(|_| gone())?;
         self.wake.write(1).map_err(|_| gone())?;
         rx.recv().map_err(|_| gone())?
     }

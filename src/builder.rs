@@ -36,7 +36,10 @@ pub enum BuildError {
         source: std::io::Error,
     },
     #[error("kernel {path}: {source}")]
-    Kernel { path: String, source: boot::BootError },
+    Kernel {
+        path: String,
+        source: boot::BootError,
+    },
     #[error(transparent)]
     Boot(#[from] boot::BootError),
     #[error(transparent)]
@@ -51,6 +54,8 @@ pub enum BuildError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Bus(#[from] crate::devices::bus::OverlapError),
+    #[error(transparent)]
+    Virtio(#[from] crate::devices::virtio::VirtioError),
 }
 
 impl BuildError {
@@ -61,6 +66,9 @@ impl BuildError {
             BuildError::OpenFile { .. }
             | BuildError::Kernel { .. }
             | BuildError::Boot(_)
+            | BuildError::Virtio(crate::devices::virtio::VirtioError::OpenDisk { .. })
+            | BuildError::Virtio(crate::devices::virtio::VirtioError::DiskSize { .. })
+            | BuildError::Virtio(crate::devices::virtio::VirtioError::TooManyDevices { .. })
             | BuildError::Memory(memory::MemoryError::TooLarge(_))
             | BuildError::Memory(memory::MemoryError::Mmap { .. }) => exit_code::BAD_CONFIGURATION,
             _ => exit_code::GENERIC_ERROR,
@@ -92,6 +100,8 @@ pub struct BuiltVm {
     pub serial_input_space: EventFd,
     pub i8042: Arc<Mutex<I8042>>,
     pub ioapic: Arc<Mutex<irq::Ioapic>>,
+    /// virtio-mmio transports (block devices), in slot order.
+    pub virtio: Vec<Arc<Mutex<crate::devices::virtio::MmioTransport>>>,
     pub vcpus: Vec<Vcpu>,
     pub controls: Vec<Arc<VcpuControl>>,
     pub cmdline: String,
@@ -128,10 +138,11 @@ pub fn build(
 
     let mem = memory::create(&vm, mc.mem_size_mib as u64, mc.track_dirty_pages)?;
 
-    let kernel = boot::load_kernel(&mem, &mut kernel_file).map_err(|source| BuildError::Kernel {
-        path: config.boot_source.kernel_image_path.clone(),
-        source,
-    })?;
+    let kernel =
+        boot::load_kernel(&mem, &mut kernel_file).map_err(|source| BuildError::Kernel {
+            path: config.boot_source.kernel_image_path.clone(),
+            source,
+        })?;
     let initrd = match initrd_file.as_mut() {
         Some(f) => Some(boot::load_initrd(&mem, f, &kernel)?),
         None => None,
@@ -164,13 +175,6 @@ pub fn build(
             Arc::new(Mutex::new(crate::devices::boot_timer::BootTimer)),
         )?;
     }
-    if opts.boot_timer {
-        mmio.insert(
-            BOOT_TIMER_START,
-            BOOT_TIMER_SIZE,
-            Arc::new(Mutex::new(crate::devices::boot_timer::BootTimer)),
-        )?;
-    }
     let reset_evt = EventFd::new(EFD_NONBLOCK)?;
     let i8042 = Arc::new(Mutex::new(I8042::new(reset_evt.try_clone()?, kbd_irq)));
     pio.insert(
@@ -179,8 +183,22 @@ pub fn build(
         i8042.clone(),
     )?;
 
+    // virtio devices: drives first, in config order (vda, vdb, ...).
+    let mut next_virtio_slot = 0;
+    let block = {
+        let io = ioapic.lock().unwrap_or_else(|p| p.into_inner());
+        crate::devices::virtio::create_block_devices(
+            &config.drives,
+            &vm,
+            &io,
+            &mem,
+            &mut mmio,
+            &mut next_virtio_slot,
+        )?
+    };
+
     // Command line: ember's additions, then boot params.
-    let mut additions = Vec::new();
+    let mut additions = block.cmdline.clone();
     let pvm = crate::vm::is_pvm_host();
     if pvm {
         log::info!(
@@ -249,6 +267,7 @@ pub fn build(
         serial_input_space,
         i8042,
         ioapic,
+        virtio: block.devices,
         vcpus,
         controls,
         cmdline,

@@ -52,7 +52,9 @@ pub enum ArgError {
     Invalid { flag: String, why: String },
     #[error("`{0}` given twice")]
     Duplicate(String),
-    #[error("--no-api needs --config-file: without the API, the file is the only way to configure the VM")]
+    #[error(
+        "--no-api needs --config-file: without the API, the file is the only way to configure the VM"
+    )]
     NoApiWithoutConfig,
 }
 
@@ -76,7 +78,9 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, ArgError> 
         let value = |it: &mut I::IntoIter| -> Result<String, ArgError> {
             match inline.clone() {
                 Some(v) => Ok(v),
-                None => it.next().ok_or_else(|| ArgError::MissingValue(flag.clone())),
+                None => it
+                    .next()
+                    .ok_or_else(|| ArgError::MissingValue(flag.clone())),
             }
         };
         let switch = |on: &mut bool| -> Result<(), ArgError> {
@@ -108,10 +112,14 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, ArgError> 
             "--boot-timer" => switch(&mut a.boot_timer)?,
             "--http-api-max-payload-size" => {
                 let v = value(&mut it)?;
-                let n = v.parse::<usize>().ok().filter(|n| *n > 0).ok_or(ArgError::Invalid {
-                    flag: flag.clone(),
-                    why: format!("`{v}` is not a positive number of bytes"),
-                })?;
+                let n = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or(ArgError::Invalid {
+                        flag: flag.clone(),
+                        why: format!("`{v}` is not a positive number of bytes"),
+                    })?;
                 a.max_payload = Some(n);
             }
             "--version" | "-V" => switch(&mut a.version)?,
@@ -157,10 +165,19 @@ mod tests {
     #[test]
     fn errors() {
         assert!(matches!(p(&["--bogus"]), Err(ArgError::Unknown(_))));
-        assert!(matches!(p(&["--config-file"]), Err(ArgError::MissingValue(_))));
+        assert!(matches!(
+            p(&["--config-file"]),
+            Err(ArgError::MissingValue(_))
+        ));
         assert_eq!(p(&["--no-api"]).unwrap_err(), ArgError::NoApiWithoutConfig);
         assert!(matches!(p(&["--id", "a_b"]), Err(ArgError::Invalid { .. })));
-        assert!(matches!(p(&["--id", "a", "--id", "b"]), Err(ArgError::Duplicate(_))));
-        assert!(matches!(p(&["--no-api=1", "--config-file", "x"]), Err(ArgError::UnexpectedValue(_))));
+        assert!(matches!(
+            p(&["--id", "a", "--id", "b"]),
+            Err(ArgError::Duplicate(_))
+        ));
+        assert!(matches!(
+            p(&["--no-api=1", "--config-file", "x"]),
+            Err(ArgError::UnexpectedValue(_))
+        ));
     }
 }

@@ -38,7 +38,9 @@ impl VmExit {
     pub fn exit_code(&self) -> i32 {
         match self {
             VmExit::GuestReset | VmExit::GuestShutdown => crate::exit_code::OK,
-            VmExit::TripleFault { .. } | VmExit::VcpuError { .. } => crate::exit_code::GENERIC_ERROR,
+            VmExit::TripleFault { .. } | VmExit::VcpuError { .. } => {
+                crate::exit_code::GENERIC_ERROR
+            }
             VmExit::Signal(sig) => crate::exit_code::SIGNAL_BASE + sig,
             VmExit::VmmError(_) => crate::exit_code::UNEXPECTED_ERROR,
         }
@@ -85,7 +87,10 @@ impl ExitSignal {
         let _ = self.evt.write(1);
     }
     pub fn reason(&self) -> Option<VmExit> {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -146,7 +151,10 @@ pub fn handle_exit(exit: VcpuExit, index: u8, pio: &Bus, mmio: &Bus) -> ExitActi
                 }),
             }
         }
-        VcpuExit::Shutdown => ExitAction::Stop(VmExit::TripleFault { vcpu: index, rip: 0 }),
+        VcpuExit::Shutdown => ExitAction::Stop(VmExit::TripleFault {
+            vcpu: index,
+            rip: 0,
+        }),
         VcpuExit::InternalError => ExitAction::Stop(VmExit::VcpuError {
             vcpu: index,
             exit: "KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into(),
@@ -283,7 +291,11 @@ impl Vcpu {
     pub fn run(mut self) {
         // SAFETY: pthread_self is always safe to call.
         let me = unsafe { libc::pthread_self() };
-        *self.control.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(me);
+        *self
+            .control
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(me);
         let page: *mut kvm_run = self.fd.get_kvm_run();
         self.control.run_page.store(page, Ordering::Release);
         self.control.started.store(true, Ordering::Release);
@@ -358,8 +370,16 @@ mod tests {
     fn shutdown_is_a_triple_fault_and_reset_is_ok() {
         let (pio, mmio) = (Bus::new(), Bus::new());
         let a = handle_exit(VcpuExit::Shutdown, 2, &pio, &mmio);
-        assert!(matches!(a, ExitAction::Stop(VmExit::TripleFault { vcpu: 2, .. })));
-        let a = handle_exit(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]), 0, &pio, &mmio);
+        assert!(matches!(
+            a,
+            ExitAction::Stop(VmExit::TripleFault { vcpu: 2, .. })
+        ));
+        let a = handle_exit(
+            VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]),
+            0,
+            &pio,
+            &mmio,
+        );
         assert_eq!(a, ExitAction::Stop(VmExit::GuestReset));
         assert_eq!(VmExit::GuestReset.exit_code(), 0);
         assert_ne!(VmExit::TripleFault { vcpu: 0, rip: 0 }.exit_code(), 0);

@@ -26,9 +26,15 @@ enum Token {
 
 impl Token {
     fn from_u32(v: u32) -> Option<Token> {
-        [Token::Exit, Token::Reset, Token::Signal, Token::Stdin, Token::InputSpace]
-            .into_iter()
-            .find(|t| *t as u32 == v)
+        [
+            Token::Exit,
+            Token::Reset,
+            Token::Signal,
+            Token::Stdin,
+            Token::InputSpace,
+        ]
+        .into_iter()
+        .find(|t| *t as u32 == v)
     }
 }
 
@@ -79,7 +85,11 @@ impl Control {
             .input_room();
         if room == 0 {
             // Stop watching stdin until the guest drains the FIFO (input_space).
-            let _ = ops.remove(Events::with_data(&std::io::stdin(), Token::Stdin as u32, EventSet::IN));
+            let _ = ops.remove(Events::with_data(
+                &std::io::stdin(),
+                Token::Stdin as u32,
+                EventSet::IN,
+            ));
             self.stdin_waiting = true;
             return;
         }
@@ -90,7 +100,11 @@ impl Control {
         if n <= 0 {
             if n == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock {
                 // EOF: stdin leaves the event loop; the VM goes on.
-                let _ = ops.remove(Events::with_data(&std::io::stdin(), Token::Stdin as u32, EventSet::IN));
+                let _ = ops.remove(Events::with_data(
+                    &std::io::stdin(),
+                    Token::Stdin as u32,
+                    EventSet::IN,
+                ));
                 self.stdin_open = false;
                 log::debug!("stdin closed: console input stops");
             }
@@ -115,7 +129,9 @@ impl MutEventSubscriber for Control {
                 self.exit.stop(VmExit::GuestReset);
             }
             Some(Token::Stdin) => {
-                if events.event_set().intersects(EventSet::HANG_UP | EventSet::ERROR)
+                if events
+                    .event_set()
+                    .intersects(EventSet::HANG_UP | EventSet::ERROR)
                     && !events.event_set().contains(EventSet::IN)
                 {
                     let _ = ops.remove(events);
@@ -128,7 +144,11 @@ impl MutEventSubscriber for Control {
                 let _ = self.input_space.read();
                 if self.stdin_open && self.stdin_waiting {
                     self.stdin_waiting = false;
-                    let _ = ops.add(Events::with_data(&std::io::stdin(), Token::Stdin as u32, EventSet::IN));
+                    let _ = ops.add(Events::with_data(
+                        &std::io::stdin(),
+                        Token::Stdin as u32,
+                        EventSet::IN,
+                    ));
                 }
             }
             _ => log::warn!("unexpected event token {}", events.data()),
@@ -148,7 +168,11 @@ impl MutEventSubscriber for Control {
         if self.stdin_open {
             // Regular files and /dev/null cannot be polled (EPERM): no console input then.
             if ops
-                .add(Events::with_data(&std::io::stdin(), Token::Stdin as u32, EventSet::IN))
+                .add(Events::with_data(
+                    &std::io::stdin(),
+                    Token::Stdin as u32,
+                    EventSet::IN,
+                ))
                 .is_err()
             {
                 self.stdin_open = false;
@@ -264,6 +288,7 @@ pub struct Vmm {
     _pio: Arc<crate::devices::bus::Bus>,
     _mmio: Arc<crate::devices::bus::Bus>,
     _ioapic: Arc<Mutex<crate::vm::irq::Ioapic>>,
+    virtio: Vec<Arc<Mutex<crate::devices::virtio::MmioTransport>>>,
 }
 
 impl Vmm {
@@ -279,11 +304,16 @@ impl Vmm {
         };
         let console: Subscriber = Arc::new(Mutex::new(console));
         event_loop.add_subscriber(console);
+        for dev in &built.virtio {
+            event_loop.add_subscriber(dev.clone() as Subscriber);
+        }
 
         crate::vcpu::install_kick_handler()?;
         for vcpu in built.vcpus {
             let name = format!("ember_vcpu{}", vcpu.index);
-            std::thread::Builder::new().name(name).spawn(move || vcpu.run())?;
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || vcpu.run())?;
         }
         Ok(Vmm {
             cmdline: built.cmdline,
@@ -294,6 +324,7 @@ impl Vmm {
             _pio: built.pio,
             _mmio: built.mmio,
             _ioapic: built.ioapic,
+            virtio: built.virtio,
         })
     }
 
@@ -310,5 +341,7 @@ impl Vmm {
     }
 
     /// Makes every device's data durable (called on every exit path).
-    pub fn flush(&self) {}
+    pub fn flush(&self) {
+        crate::devices::virtio::flush_all(&self.virtio);
+    }
 }

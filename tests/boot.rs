@@ -25,7 +25,11 @@ fn boots_one_vcpu_128m_and_exits_zero_on_reset() {
 
 #[test]
 fn four_vcpus_in_mp_table_with_per_vcpu_cpuid() {
-    let o = run_config(&guest_config("console=ttyS0", 4, 128, ""), &["--level", "Debug"], T);
+    let o = run_config(
+        &guest_config("console=ttyS0", 4, 128, ""),
+        &["--level", "Debug"],
+        T,
+    );
     o.assert_ok();
     assert!(o.has_line("mptable: cpus=4"), "{o:#?}");
     // Host side: KVM's LAPIC ID and the CPUID leaves 1 and 0xb of each vCPU.
@@ -48,9 +52,7 @@ fn four_gib_puts_ram_on_both_sides_of_the_gap() {
 
 #[test]
 fn default_boot_args_are_documented_ones() {
-    let cfg = format!(
-        r#"{{"boot-source": {{"kernel_image_path": "{GUEST}"}}}}"#
-    );
+    let cfg = format!(r#"{{"boot-source": {{"kernel_image_path": "{GUEST}"}}}}"#);
     let o = run_config(&cfg, &[], T);
     o.assert_ok();
     assert!(
@@ -61,7 +63,11 @@ fn default_boot_args_are_documented_ones() {
 
 #[test]
 fn triple_fault_exits_nonzero_naming_exit_and_rip() {
-    let o = run_config(&guest_config("console=ttyS0 ember_test=triplefault", 1, 128, ""), &[], T);
+    let o = run_config(
+        &guest_config("console=ttyS0 ember_test=triplefault", 1, 128, ""),
+        &[],
+        T,
+    );
     assert!(!o.timed_out);
     assert_eq!(o.code, Some(ember::exit_code::GENERIC_ERROR), "{o:#?}");
     assert!(o.stderr.contains("triple fault"), "{o:#?}");
@@ -73,7 +79,10 @@ fn bad_config(config: &str, needle: &str) {
     let o = run_config(config, &[], T);
     assert!(!o.timed_out);
     assert_eq!(o.code, Some(ember::exit_code::BAD_CONFIGURATION), "{o:#?}");
-    assert!(o.stderr.contains(needle), "expected `{needle}` in stderr\n{o:#?}");
+    assert!(
+        o.stderr.contains(needle),
+        "expected `{needle}` in stderr\n{o:#?}"
+    );
     assert!(!o.stderr.contains("panicked"), "{o:#?}");
 }
 
@@ -91,13 +100,19 @@ fn a_file_that_is_no_kernel_is_refused() {
     let p = dir.path("junk");
     std::fs::write(&p, vec![0x42u8; 4096]).unwrap();
     bad_config(
-        &format!(r#"{{"boot-source": {{"kernel_image_path": "{}"}}}}"#, p.display()),
+        &format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}}}}"#,
+            p.display()
+        ),
         "neither an ELF vmlinux nor a bzImage",
     );
     // Too short to hold any header at all.
     std::fs::write(&p, b"x").unwrap();
     bad_config(
-        &format!(r#"{{"boot-source": {{"kernel_image_path": "{}"}}}}"#, p.display()),
+        &format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}}}}"#,
+            p.display()
+        ),
         "neither an ELF vmlinux nor a bzImage",
     );
 }
@@ -113,7 +128,10 @@ fn invalid_machine_config_values_are_refused() {
 fn malformed_json_and_unknown_fields_are_refused() {
     bad_config("{\"boot-source\": ", "line");
     bad_config(&guest_config("", 1, 128, r#""bogus": 1"#), "bogus");
-    bad_config(&guest_config("", 1, 128, r#""balloon": {"amount_mib": 1}"#), "balloon");
+    bad_config(
+        &guest_config("", 1, 128, r#""balloon": {"amount_mib": 1}"#),
+        "balloon",
+    );
 }
 
 #[test]
@@ -138,7 +156,11 @@ fn unread_stdout_never_stalls_and_sigterm_stops_cleanly() {
     let dir = TempDir::new("stall");
     let cfg = dir.path("vm.json");
     let metrics = dir.path("metrics.json");
-    std::fs::write(&cfg, guest_config("console=ttyS0 ember_test=counter", 1, 128, "")).unwrap();
+    std::fs::write(
+        &cfg,
+        guest_config("console=ttyS0 ember_test=counter", 1, 128, ""),
+    )
+    .unwrap();
     let mut child = spawn(&[
         "--no-api",
         "--config-file",
@@ -176,7 +198,11 @@ fn wait_keep_stdout(mut child: std::process::Child, timeout: Duration) -> (bool,
 fn sigint_stops_cleanly_while_guest_runs() {
     let dir = TempDir::new("sigint");
     let cfg = dir.path("vm.json");
-    std::fs::write(&cfg, guest_config("console=ttyS0 ember_test=counter", 2, 128, "")).unwrap();
+    std::fs::write(
+        &cfg,
+        guest_config("console=ttyS0 ember_test=counter", 2, 128, ""),
+    )
+    .unwrap();
     let mut child = spawn(&["--no-api", "--config-file", cfg.to_str().unwrap()]);
     let mut r = BufReader::new(child.stdout.take().unwrap());
     assert!(read_until(&mut r, T, |l| l.starts_with("tick ")).is_some());

@@ -8,8 +8,8 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::Ordering;
 
-use vm_superio::serial::SerialEvents;
 use vm_superio::Serial;
+use vm_superio::serial::SerialEvents;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::BusDevice;

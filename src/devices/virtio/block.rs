@@ -1,0 +1,885 @@
+//! virtio-blk backed by a host file, read and written with pread/pwrite (never mmap: a
+//! disk image the guest can reach through our address space is one bug away from a host
+//! memory corruption, and a truncated file would turn into SIGBUS).
+//!
+//! Requests complete synchronously, in the order the driver made them available: a write
+//! is in the file before its used entry is published, so nothing acknowledged is lost
+//! once `flush` (fdatasync) has run; the VMM calls it on every exit path.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestMemory as _, Permissions};
+
+use super::{ActivateError, VirtioDevice, VirtioError, VirtioInterrupt};
+use crate::config::drive::{CacheType, DriveConfig};
+use crate::vm::memory::GuestMemory;
+
+pub const SECTOR_SHIFT: u32 = 9;
+pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
+/// Queue size offered to the driver (the one queue's maximum).
+pub const QUEUE_SIZE: u16 = 256;
+/// Header: type (u32), reserved (u32), sector (u64).
+const HEADER_LEN: u32 = 16;
+/// Data segments per request: the descriptors left once header and status are counted.
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Bounce buffer between guest memory and the file, per chunk.
+const CHUNK: usize = 64 * 1024;
+/// virtio_blk_config: capacity (u64), size_max (u32), seg_max (u32), geometry (4 bytes),
+/// blk_size (u32).
+const CONFIG_LEN: usize = 24;
+
+/// The backing file and what the device says about it; the part of the device that
+/// handles requests, testable without a transport.
+pub struct Disk {
+    id: String,
+    file: File,
+    read_only: bool,
+    cache_type: CacheType,
+    /// Size in 512-byte sectors (a partial last sector is not exposed).
+    capacity: u64,
+    buf: Vec<u8>,
+}
+
+/// What one request did: its status, and how many bytes the device wrote into the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Outcome {
+    status: u8,
+    written: u32,
+}
+
+impl Outcome {
+    fn status(status: u32) -> Outcome {
+        Outcome {
+            status: status as u8,
+            written: 0,
+        }
+    }
+}
+
+const IOERR: Outcome = Outcome {
+    status: VIRTIO_BLK_S_IOERR as u8,
+    written: 0,
+};
+
+impl Disk {
+    /// Opens the drive's file: read-only drives with O_RDONLY, so not even a bug here can
+    /// write to them.
+    pub fn open(drive: &DriveConfig) -> Result<Disk, VirtioError> {
+        let path = &drive.path_on_host;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!drive.is_read_only)
+            .open(path)
+            .map_err(|source| VirtioError::OpenDisk {
+                id: drive.drive_id.clone(),
+                path: path.clone(),
+                source,
+            })?;
+        // Seeking to the end also sizes block devices, whose metadata length is 0.
+        let len = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| VirtioError::DiskSize {
+                id: drive.drive_id.clone(),
+                path: path.clone(),
+                source,
+            })?;
+        if len % SECTOR_SIZE != 0 {
+            log::warn!(
+                "drive `{}`: {path} is {len} bytes, not a multiple of {SECTOR_SIZE}; the guest \
+                 does not see the last {} bytes",
+                drive.drive_id,
+                len % SECTOR_SIZE
+            );
+        }
+        Ok(Disk::from_file(
+            file,
+            &drive.drive_id,
+            drive.is_read_only,
+            drive.cache_type,
+            len >> SECTOR_SHIFT,
+        ))
+    }
+
+    pub fn from_file(
+        file: File,
+        id: &str,
+        read_only: bool,
+        cache_type: CacheType,
+        capacity: u64,
+    ) -> Disk {
+        Disk {
+            id: id.to_string(),
+            file,
+            read_only,
+            cache_type,
+            capacity,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn features(&self) -> u64 {
+        let mut f = (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_SEG_MAX);
+        // Firecracker's rule (and the drive config's contract): only a Writeback drive
+        // tells the guest it has a cache worth flushing.
+        if self.cache_type == CacheType::Writeback {
+            f |= 1 << VIRTIO_BLK_F_FLUSH;
+        }
+        if self.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn config_space(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c
+    }
+
+    /// fdatasync: what was written reaches the disk.
+    pub fn flush(&self) -> std::io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data()
+    }
+
+    /// Drains `queue`: at most one queue's worth of chains, so a driver that refills the
+    /// ring as fast as we drain it cannot keep the event loop here. Returns (chains
+    /// completed, work left).
+    pub fn process_queue(&mut self, mem: &GuestMemory, queue: &mut Queue) -> (u32, bool) {
+        let mut done = 0u32;
+        for _ in 0..queue.size() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                return (done, false);
+            };
+            let head = chain.head_index();
+            // One more than a chain may hold, to tell a long chain from a full one.
+            let descs: Vec<Descriptor> = chain.take(usize::from(queue.size()) + 1).collect();
+            let written = self.handle_chain(mem, &descs, usize::from(queue.size()));
+            if let Err(e) = queue.add_used(mem, head, written) {
+                log::debug!(
+                    "virtio-blk `{}`: cannot complete chain {head}: {e}",
+                    self.id
+                );
+            }
+            done += 1;
+        }
+        // The cap was reached: tell the caller whether the driver left more behind.
+        let more = queue
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .map(|idx| idx.0 != queue.next_avail())
+            .unwrap_or(false);
+        (done, more)
+    }
+
+    /// Runs one request; returns the bytes written into the chain (for the used entry).
+    fn handle_chain(&mut self, mem: &GuestMemory, descs: &[Descriptor], max_len: usize) -> u32 {
+        // A chain that still points onward after `max_len` descriptors loops or is too
+        // long; one whose last descriptor points onward ended at a bad index.
+        let truncated = descs.len() > max_len || descs.last().is_some_and(|d| d.has_next());
+        let status_desc = descs
+            .last()
+            .filter(|d| !truncated && d.is_write_only() && d.len() >= 1);
+        // The status byte is the last byte of the chain.
+        let status_addr = status_desc
+            .and_then(|d| d.addr().checked_add(u64::from(d.len()) - 1))
+            .filter(|a| mem.check_range(*a, 1, Permissions::Write));
+        let Some(status_addr) = status_addr else {
+            // Debug, not warn: a hostile guest could otherwise flood the log.
+            log::debug!(
+                "virtio-blk `{}`: request without a writable status byte{}; dropped",
+                self.id,
+                if truncated {
+                    " (looping or over-long chain)"
+                } else {
+                    ""
+                }
+            );
+            return 0;
+        };
+        let outcome = match (descs.first(), descs.get(1..descs.len().saturating_sub(1))) {
+            (Some(header), Some(data)) if descs.len() >= 2 => {
+                self.handle_request(mem, header, data)
+            }
+            _ => IOERR,
+        };
+        if mem.write_obj(outcome.status, status_addr).is_err() {
+            return 0;
+        }
+        outcome.written.saturating_add(1)
+    }
+
+    fn handle_request(
+        &mut self,
+        mem: &GuestMemory,
+        header: &Descriptor,
+        data: &[Descriptor],
+    ) -> Outcome {
+        if header.is_write_only() || header.len() < HEADER_LEN {
+            log::debug!("virtio-blk `{}`: bad request header descriptor", self.id);
+            return IOERR;
+        }
+        let mut raw = [0u8; HEADER_LEN as usize];
+        if mem.read_slice(&mut raw, header.addr()).is_err() {
+            return IOERR;
+        }
+        let (type_bytes, rest) = raw.split_at(4);
+        let sector_bytes = rest.get(4..12).unwrap_or_default();
+        let req_type = u32::from_le_bytes(type_bytes.try_into().unwrap_or_default());
+        let sector = u64::from_le_bytes(sector_bytes.try_into().unwrap_or_default());
+        match req_type {
+            VIRTIO_BLK_T_IN => self.read(mem, sector, data),
+            VIRTIO_BLK_T_OUT => self.write(mem, sector, data),
+            VIRTIO_BLK_T_FLUSH => self.flush_request(),
+            VIRTIO_BLK_T_GET_ID => self.get_id(mem, data),
+            other => {
+                log::debug!("virtio-blk `{}`: unsupported request type {other}", self.id);
+                Outcome::status(VIRTIO_BLK_S_UNSUPP)
+            }
+        }
+    }
+
+    /// Checks the data segments of a read or write: direction, guest addresses, a whole
+    /// number of sectors within the disk. Returns the byte offset in the file and length.
+    fn check_data(
+        &self,
+        mem: &GuestMemory,
+        sector: u64,
+        data: &[Descriptor],
+        device_writes: bool,
+    ) -> Option<(u64, u64)> {
+        let access = if device_writes {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        let mut total = 0u64;
+        for d in data {
+            if d.is_write_only() != device_writes {
+                log::debug!(
+                    "virtio-blk `{}`: data descriptor has the wrong direction",
+                    self.id
+                );
+                return None;
+            }
+            if !mem.check_range(d.addr(), d.len() as usize, access) {
+                log::debug!("virtio-blk `{}`: data buffer outside guest RAM", self.id);
+                return None;
+            }
+            total += u64::from(d.len());
+        }
+        if !total.is_multiple_of(SECTOR_SIZE) {
+            log::debug!(
+                "virtio-blk `{}`: {total} bytes is not a whole number of sectors",
+                self.id
+            );
+            return None;
+        }
+        let end = sector.checked_add(total >> SECTOR_SHIFT)?;
+        if end > self.capacity {
+            log::debug!(
+                "virtio-blk `{}`: sectors {sector}..{end} beyond the disk ({} sectors)",
+                self.id,
+                self.capacity
+            );
+            return None;
+        }
+        Some((sector << SECTOR_SHIFT, total))
+    }
+
+    /// Allocates the bounce buffer on first use (idle drives cost no memory).
+    fn chunk_buf(&mut self) {
+        if self.buf.len() < CHUNK {
+            self.buf.resize(CHUNK, 0);
+        }
+    }
+
+    fn read(&mut self, mem: &GuestMemory, sector: u64, data: &[Descriptor]) -> Outcome {
+        let Some((mut offset, total)) = self.check_data(mem, sector, data, true) else {
+            return IOERR;
+        };
+        self.chunk_buf();
+        for d in data {
+            let mut done = 0usize;
+            let len = d.len() as usize;
+            while done < len {
+                let n = (len - done).min(CHUNK);
+                let buf = self.buf.get_mut(..n).unwrap_or_default();
+                let ok = self.file.read_exact_at(buf, offset).is_ok()
+                    && d.addr()
+                        .checked_add(done as u64)
+                        .is_some_and(|a| mem.write_slice(buf, a).is_ok());
+                if !ok {
+                    log::warn!("virtio-blk `{}`: read at byte {offset} failed", self.id);
+                    return IOERR;
+                }
+                done += n;
+                offset += n as u64;
+            }
+        }
+        Outcome {
+            status: VIRTIO_BLK_S_OK as u8,
+            written: u32::try_from(total).unwrap_or(u32::MAX),
+        }
+    }
+
+    fn write(&mut self, mem: &GuestMemory, sector: u64, data: &[Descriptor]) -> Outcome {
+        if self.read_only {
+            log::debug!(
+                "virtio-blk `{}`: write to a read-only drive refused",
+                self.id
+            );
+            return IOERR;
+        }
+        let Some((mut offset, _)) = self.check_data(mem, sector, data, false) else {
+            return IOERR;
+        };
+        self.chunk_buf();
+        for d in data {
+            let mut done = 0usize;
+            let len = d.len() as usize;
+            while done < len {
+                let n = (len - done).min(CHUNK);
+                let buf = self.buf.get_mut(..n).unwrap_or_default();
+                let ok = d
+                    .addr()
+                    .checked_add(done as u64)
+                    .is_some_and(|a| mem.read_slice(buf, a).is_ok())
+                    && self.file.write_all_at(buf, offset).is_ok();
+                if !ok {
+                    log::warn!("virtio-blk `{}`: write at byte {offset} failed", self.id);
+                    return IOERR;
+                }
+                done += n;
+                offset += n as u64;
+            }
+        }
+        Outcome::status(VIRTIO_BLK_S_OK)
+    }
+
+    fn flush_request(&mut self) -> Outcome {
+        match self.cache_type {
+            // Unsafe: the guest was told nothing about a cache; flushes cost nothing.
+            CacheType::Unsafe => Outcome::status(VIRTIO_BLK_S_OK),
+            CacheType::Writeback => match self.flush() {
+                Ok(()) => Outcome::status(VIRTIO_BLK_S_OK),
+                Err(e) => {
+                    log::error!("virtio-blk `{}`: fdatasync failed: {e}", self.id);
+                    IOERR
+                }
+            },
+        }
+    }
+
+    /// GET_ID: the drive id, truncated to 20 bytes, NUL padded.
+    fn get_id(&mut self, mem: &GuestMemory, data: &[Descriptor]) -> Outcome {
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        for (d, s) in id.iter_mut().zip(self.id.bytes()) {
+            *d = s;
+        }
+        let mut written = 0usize;
+        for d in data {
+            if !d.is_write_only() {
+                return IOERR;
+            }
+            let rest = id.get(written..).unwrap_or_default();
+            let n = rest.len().min(d.len() as usize);
+            let chunk = rest.get(..n).unwrap_or_default();
+            if mem.write_slice(chunk, d.addr()).is_err() {
+                return IOERR;
+            }
+            written += n;
+        }
+        if written == 0 {
+            return IOERR;
+        }
+        Outcome {
+            status: VIRTIO_BLK_S_OK as u8,
+            written: written as u32,
+        }
+    }
+}
+
+struct Active {
+    mem: GuestMemory,
+    queue: Queue,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+/// The virtio-blk device: a disk and, once the driver started it, its queue.
+pub struct Block {
+    disk: Disk,
+    config: [u8; CONFIG_LEN],
+    active: Option<Active>,
+}
+
+impl Block {
+    pub fn new(drive: &DriveConfig) -> Result<Block, VirtioError> {
+        Ok(Block::from_disk(Disk::open(drive)?))
+    }
+
+    pub fn from_disk(disk: Disk) -> Block {
+        Block {
+            config: disk.config_space(),
+            disk,
+            active: None,
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.disk.features()
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, d) in data.iter_mut().enumerate() {
+            let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
+            *d = at.and_then(|a| self.config.get(a)).copied().unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        log::debug!("virtio-blk: config write at {offset:#x} ignored (nothing is writable)");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+        _acked_features: u64,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let got = queues.len();
+        let Some(queue) = queues.into_iter().next().filter(|_| got == 1) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        self.active = Some(Active {
+            mem,
+            queue,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) -> bool {
+        let Some(active) = self.active.as_mut().filter(|_| index == 0) else {
+            return false;
+        };
+        let (done, more) = self.disk.process_queue(&active.mem, &mut active.queue);
+        if done > 0 && active.queue.needs_notification(&active.mem).unwrap_or(true) {
+            active.interrupt.signal_used_queue();
+        }
+        more
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.disk.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use vm_memory::GuestAddress;
+
+    use super::*;
+
+    const DESC_TABLE: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const HDR: u64 = 0x4000;
+    const DATA: u64 = 0x10000;
+    const STATUS: u64 = 0x5000;
+    const MEM_SIZE: u64 = 0x10_0000;
+    const QSIZE: u16 = 16;
+
+    /// A minimal driver: writes descriptor chains and avail entries into guest memory.
+    struct Driver {
+        mem: GuestMemory,
+        queue: Queue,
+        avail_idx: u16,
+    }
+
+    impl Driver {
+        fn new() -> Driver {
+            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+            let mut queue = Queue::new(QSIZE).unwrap();
+            queue
+                .try_set_desc_table_address(GuestAddress(DESC_TABLE))
+                .unwrap();
+            queue
+                .try_set_avail_ring_address(GuestAddress(AVAIL))
+                .unwrap();
+            queue.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+            queue.set_ready(true);
+            assert!(queue.is_valid(&mem));
+            Driver {
+                mem,
+                queue,
+                avail_idx: 0,
+            }
+        }
+
+        fn desc(&self, index: u16, addr: u64, len: u32, flags: u32, next: u16) {
+            let d = DESC_TABLE + u64::from(index) * 16;
+            let m = &self.mem;
+            m.write_obj(addr, GuestAddress(d)).unwrap();
+            m.write_obj(len, GuestAddress(d + 8)).unwrap();
+            m.write_obj(flags as u16, GuestAddress(d + 12)).unwrap();
+            m.write_obj(next, GuestAddress(d + 14)).unwrap();
+        }
+
+        fn publish(&mut self, head: u16) {
+            let slot = u64::from(self.avail_idx % QSIZE);
+            self.mem
+                .write_obj(head, GuestAddress(AVAIL + 4 + slot * 2))
+                .unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            self.mem
+                .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+                .unwrap();
+        }
+
+        /// header + optional data + status, at descriptors 0, 1, 2.
+        fn request(&mut self, req_type: u32, sector: u64, data_len: u32, data_writable: bool) {
+            self.mem.write_obj(req_type, GuestAddress(HDR)).unwrap();
+            self.mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+            self.mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+            self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            self.desc(0, HDR, 16, VRING_DESC_F_NEXT, 1);
+            let mut next = 1;
+            if data_len > 0 {
+                let flags = VRING_DESC_F_NEXT | if data_writable { VRING_DESC_F_WRITE } else { 0 };
+                self.desc(1, DATA, data_len, flags, 2);
+                next = 2;
+            }
+            self.desc(next, STATUS, 1, VRING_DESC_F_WRITE, 0);
+            if data_len == 0 {
+                self.desc(0, HDR, 16, VRING_DESC_F_NEXT, 1);
+            }
+            self.publish(0);
+        }
+
+        fn status(&self) -> u8 {
+            self.mem.read_obj(GuestAddress(STATUS)).unwrap()
+        }
+
+        /// (id, len) of used entry `i`.
+        fn used(&self, i: u16) -> (u32, u32) {
+            let e = USED + 4 + u64::from(i % QSIZE) * 8;
+            (
+                self.mem.read_obj(GuestAddress(e)).unwrap(),
+                self.mem.read_obj(GuestAddress(e + 4)).unwrap(),
+            )
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        }
+
+        fn run(&mut self, disk: &mut Disk) -> (u32, bool) {
+            disk.process_queue(&self.mem, &mut self.queue)
+        }
+    }
+
+    struct TempFile(std::path::PathBuf);
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn pattern(i: usize) -> u8 {
+        (i * 31 % 251) as u8
+    }
+
+    /// A disk of `sectors` sectors with known content.
+    fn disk(sectors: u64, read_only: bool, cache: CacheType) -> (Disk, TempFile) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("ember-blk-{}-{n}.img", std::process::id()));
+        let content: Vec<u8> = (0..(sectors * SECTOR_SIZE) as usize).map(pattern).collect();
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&content)
+            .unwrap();
+        let drive = DriveConfig {
+            drive_id: "disk0".into(),
+            partuuid: None,
+            is_root_device: false,
+            cache_type: cache,
+            is_read_only: read_only,
+            path_on_host: path.to_string_lossy().into_owned(),
+            rate_limiter: Default::default(),
+            io_engine: None,
+            socket: Default::default(),
+        };
+        (Disk::open(&drive).unwrap(), TempFile(path))
+    }
+
+    const OK: u8 = VIRTIO_BLK_S_OK as u8;
+    const ERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+    const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+    #[test]
+    fn features_and_config() {
+        let (d, _f) = disk(8, true, CacheType::Writeback);
+        assert_eq!(d.capacity(), 8);
+        let f = d.features();
+        assert!(f & (1 << VIRTIO_F_VERSION_1) != 0);
+        assert!(f & (1 << VIRTIO_BLK_F_RO) != 0);
+        assert!(f & (1 << VIRTIO_BLK_F_FLUSH) != 0);
+        let b = Block::from_disk(d);
+        let mut cap = [0u8; 8];
+        b.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8);
+        let mut far = [0xffu8; 4];
+        b.read_config(u64::MAX, &mut far);
+        assert_eq!(far, [0; 4]);
+        let (d, _f) = disk(1, false, CacheType::Unsafe);
+        assert_eq!(
+            d.features() & ((1 << VIRTIO_BLK_F_RO) | (1 << VIRTIO_BLK_F_FLUSH)),
+            0
+        );
+    }
+
+    #[test]
+    fn read_and_write() {
+        let (mut d, f) = disk(8, false, CacheType::Writeback);
+        let mut drv = Driver::new();
+        drv.request(VIRTIO_BLK_T_IN, 2, 1024, true);
+        assert_eq!(drv.run(&mut d), (1, false));
+        assert_eq!(drv.status(), OK);
+        assert_eq!(drv.used(0), (0, 1025));
+        let mut got = vec![0u8; 1024];
+        drv.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        let want: Vec<u8> = (1024..2048).map(pattern).collect();
+        assert_eq!(got, want);
+
+        let data: Vec<u8> = (0..512).map(|i| (i % 7) as u8).collect();
+        drv.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+        drv.request(VIRTIO_BLK_T_OUT, 7, 512, false);
+        assert_eq!(drv.run(&mut d), (1, false));
+        assert_eq!(drv.status(), OK);
+        assert_eq!(drv.used(1), (0, 1));
+        let host = std::fs::read(&f.0).unwrap();
+        assert_eq!(host.get(7 * 512..), Some(&data[..]));
+
+        drv.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
+        drv.run(&mut d);
+        assert_eq!(drv.status(), OK);
+        assert_eq!(drv.used_idx(), 3);
+    }
+
+    #[test]
+    fn large_read_crosses_chunks() {
+        let (mut d, _f) = disk(400, false, CacheType::Unsafe);
+        let mut drv = Driver::new();
+        drv.request(VIRTIO_BLK_T_IN, 1, 150 * 512, true);
+        drv.run(&mut d);
+        assert_eq!(drv.status(), OK);
+        let mut got = vec![0u8; 150 * 512];
+        drv.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        let want: Vec<u8> = (512..151 * 512).map(pattern).collect();
+        assert!(got == want);
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let (mut d, f) = disk(4, true, CacheType::Unsafe);
+        let before = std::fs::read(&f.0).unwrap();
+        let mut drv = Driver::new();
+        drv.mem
+            .write_slice(&[0xaa; 512], GuestAddress(DATA))
+            .unwrap();
+        drv.request(VIRTIO_BLK_T_OUT, 0, 512, false);
+        drv.run(&mut d);
+        assert_eq!(drv.status(), ERR);
+        assert_eq!(std::fs::read(&f.0).unwrap(), before);
+        // Reads still work.
+        drv.request(VIRTIO_BLK_T_IN, 3, 512, true);
+        drv.run(&mut d);
+        assert_eq!(drv.status(), OK);
+    }
+
+    #[test]
+    fn out_of_range_and_malformed() {
+        let (mut d, f) = disk(4, false, CacheType::Unsafe);
+        let before = std::fs::read(&f.0).unwrap();
+        let mut drv = Driver::new();
+        let cases: [(u32, u64, u32, bool); 6] = [
+            (VIRTIO_BLK_T_IN, 4, 512, true),        // just past the end
+            (VIRTIO_BLK_T_IN, 3, 1024, true),       // crosses the end
+            (VIRTIO_BLK_T_IN, u64::MAX, 512, true), // sector overflow
+            (VIRTIO_BLK_T_OUT, 4, 512, false),      // write past the end
+            (VIRTIO_BLK_T_IN, 0, 100, true),        // not whole sectors
+            (VIRTIO_BLK_T_IN, 0, 512, false),       // read into a device-readable buffer
+        ];
+        for (t, sector, len, w) in cases {
+            drv.request(t, sector, len, w);
+            drv.run(&mut d);
+            assert_eq!(drv.status(), ERR, "type {t} sector {sector} len {len}");
+        }
+        // Write with a device-writable data buffer.
+        drv.request(VIRTIO_BLK_T_OUT, 0, 512, true);
+        drv.run(&mut d);
+        assert_eq!(drv.status(), ERR);
+        // Data outside guest RAM.
+        drv.request(VIRTIO_BLK_T_IN, 0, 512, true);
+        drv.desc(
+            1,
+            MEM_SIZE - 256,
+            512,
+            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+            2,
+        );
+        drv.run(&mut d);
+        assert_eq!(drv.status(), ERR);
+        assert_eq!(std::fs::read(&f.0).unwrap(), before);
+        assert_eq!(drv.used_idx(), 8);
+    }
+
+    #[test]
+    fn short_header_unknown_type_and_bad_status() {
+        let (mut d, _f) = disk(4, false, CacheType::Unsafe);
+        let mut drv = Driver::new();
+        // Header of 8 bytes.
+        drv.request(VIRTIO_BLK_T_IN, 0, 512, true);
+        drv.desc(0, HDR, 8, VRING_DESC_F_NEXT, 1);
+        drv.run(&mut d);
+        assert_eq!(drv.status(), ERR);
+        // Header the device should write.
+        drv.request(VIRTIO_BLK_T_IN, 0, 512, true);
+        drv.desc(0, HDR, 16, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 1);
+        drv.run(&mut d);
+        assert_eq!(drv.status(), ERR);
+        // Unknown type (DISCARD).
+        drv.request(11, 0, 0, false);
+        drv.run(&mut d);
+        assert_eq!(drv.status(), UNSUPP);
+        // Status not writable: nothing written, the chain still comes back.
+        drv.request(VIRTIO_BLK_T_IN, 0, 512, true);
+        drv.desc(2, STATUS, 1, 0, 0);
+        drv.run(&mut d);
+        assert_eq!(drv.status(), 0xff);
+        assert_eq!(drv.used(3), (0, 0));
+        // Only a status descriptor.
+        drv.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        drv.desc(0, STATUS, 1, VRING_DESC_F_WRITE, 0);
+        drv.publish(0);
+        drv.run(&mut d);
+        assert_eq!(drv.status(), ERR);
+        assert_eq!(drv.used_idx(), 5);
+    }
+
+    #[test]
+    fn looping_chain_fails_alone() {
+        let (mut d, _f) = disk(4, false, CacheType::Unsafe);
+        let mut drv = Driver::new();
+        drv.request(VIRTIO_BLK_T_IN, 0, 512, true);
+        // Status descriptor points back at the header.
+        drv.desc(2, STATUS, 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0);
+        drv.run(&mut d);
+        assert_eq!(drv.used_idx(), 1);
+        assert_eq!(drv.status(), 0xff);
+        // Next index out of the table.
+        drv.request(VIRTIO_BLK_T_IN, 0, 512, true);
+        drv.desc(1, DATA, 512, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 99);
+        drv.run(&mut d);
+        assert_eq!(drv.used_idx(), 2);
+        // The device still serves good requests afterwards.
+        drv.request(VIRTIO_BLK_T_IN, 0, 512, true);
+        drv.run(&mut d);
+        assert_eq!(drv.status(), OK);
+    }
+
+    #[test]
+    fn get_id() {
+        let (mut d, _f) = disk(1, false, CacheType::Unsafe);
+        let mut drv = Driver::new();
+        drv.mem
+            .write_slice(&[0xee; 32], GuestAddress(DATA))
+            .unwrap();
+        drv.request(VIRTIO_BLK_T_GET_ID, 0, 20, true);
+        drv.run(&mut d);
+        assert_eq!(drv.status(), OK);
+        let mut id = [0u8; 32];
+        drv.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id[..6], b"disk0\0");
+        assert_eq!(id[19], 0);
+        assert_eq!(id[20], 0xee);
+        assert_eq!(drv.used(0), (0, 21));
+    }
+
+    #[test]
+    fn flush_modes() {
+        for cache in [CacheType::Unsafe, CacheType::Writeback] {
+            let (mut d, _f) = disk(1, false, cache);
+            let mut drv = Driver::new();
+            drv.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
+            drv.run(&mut d);
+            assert_eq!(drv.status(), OK);
+            d.flush().unwrap();
+        }
+    }
+
+    #[test]
+    fn full_ring_and_bad_avail_index() {
+        let (mut d, _f) = disk(1, false, CacheType::Unsafe);
+        let mut drv = Driver::new();
+        drv.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
+        // A full ring (the same head published again and again: harmless, as each
+        // request completes before the next is read).
+        for _ in 1..QSIZE {
+            drv.publish(0);
+        }
+        assert_eq!(drv.run(&mut d), (QSIZE as u32, false));
+        assert_eq!(drv.used_idx(), QSIZE);
+        assert_eq!(drv.run(&mut d), (0, false));
+        // A driver claiming more entries than the ring holds: nothing is processed.
+        drv.mem
+            .write_obj(
+                drv.avail_idx.wrapping_add(QSIZE + 1),
+                GuestAddress(AVAIL + 2),
+            )
+            .unwrap();
+        assert_eq!(drv.run(&mut d), (0, false));
+    }
+}

@@ -1,0 +1,230 @@
+//! virtio-blk end to end: the test guest (`ember_test=blk`) drives each disk through
+//! virtio-mmio and reports CRCs, the device ID and request statuses; the host side checks
+//! them against the image files.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(60);
+const SECTOR: usize = 512;
+
+/// CRC-32 as zlib computes it (reflected, polynomial 0xedb88320).
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn crc32_matches_zlib() {
+    assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+}
+
+/// An image of `sectors` sectors whose bytes differ from sector to sector.
+fn make_image(path: &Path, sectors: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed | 1;
+    let data: Vec<u8> = (0..sectors * SECTOR)
+        .map(|_| {
+            // xorshift32: cheap, deterministic, not the guest's write pattern.
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    std::fs::write(path, &data).expect("write image");
+    data
+}
+
+/// What the guest writes to sector 1: byte i = (i*7+3) & 0xff.
+fn guest_pattern() -> Vec<u8> {
+    (0..SECTOR).map(|i| ((i * 7 + 3) & 0xff) as u8).collect()
+}
+
+fn drive_json(id: &str, path: &Path, root: bool, ro: bool, cache: &str) -> String {
+    format!(
+        r#"{{"drive_id": "{id}", "path_on_host": "{}", "is_root_device": {root},
+             "is_read_only": {ro}, "cache_type": "{cache}"}}"#,
+        path.display()
+    )
+}
+
+fn blk_config(drives: &[String]) -> String {
+    guest_config(
+        "console=ttyS0 ember_test=blk",
+        1,
+        128,
+        &format!(r#""drives": [{}]"#, drives.join(", ")),
+    )
+}
+
+/// The guest's `blk:` lines for the device at `base`, up to the next device.
+fn device_lines(o: &Outcome, base: u64) -> Vec<String> {
+    let start = format!("blk: device {base:#x}");
+    o.stdout
+        .lines()
+        .map(str::trim_end)
+        .skip_while(|l| *l != start)
+        .skip(1)
+        .take_while(|l| l.starts_with("blk: ") && !l.starts_with("blk: device "))
+        .map(String::from)
+        .collect()
+}
+
+fn has(lines: &[String], want: &str, o: &Outcome) {
+    assert!(
+        lines.iter().any(|l| l == want),
+        "missing `{want}` in {lines:#?}\n{o:#?}"
+    );
+}
+
+fn expect_crcs(lines: &[String], image: &[u8], o: &Outcome) {
+    let sectors = image.len() / SECTOR;
+    let first = image.get(..SECTOR).expect("sector 0");
+    let last = image.get((sectors - 1) * SECTOR..).expect("last sector");
+    has(
+        lines,
+        &format!("blk: sector0 crc={:#010x}", crc32(first)),
+        o,
+    );
+    has(lines, &format!("blk: last crc={:#010x}", crc32(last)), o);
+}
+
+#[test]
+fn read_write_flush_and_id_on_a_writeback_drive() {
+    let dir = TempDir::new("blk-rw");
+    let img = dir.path("disk.img");
+    let image = make_image(&img, 64, 0x1234_5678);
+    let o = run_config(
+        &blk_config(&[drive_json("data0", &img, false, false, "Writeback")]),
+        &[],
+        T,
+    );
+    o.assert_ok();
+    assert!(
+        o.stdout.contains("virtio_mmio.device=4K@0xd0001000:5"),
+        "{o:#?}"
+    );
+    let lines = device_lines(&o, 0xd000_1000);
+    has(&lines, "blk: capacity=64 ro=0", &o);
+    expect_crcs(&lines, &image, &o);
+    has(&lines, "blk: id=data0", &o);
+    has(&lines, "blk: write status=0", &o);
+    has(&lines, "blk: readback ok", &o);
+    has(&lines, "blk: flush status=0", &o);
+    assert!(o.has_line("ember-test-guest: done"), "{o:#?}");
+
+    // On the host after exit: sector 1 holds the guest's pattern, the rest is untouched.
+    let after = std::fs::read(&img).expect("read image");
+    assert_eq!(after.len(), image.len());
+    assert!(after.get(SECTOR..2 * SECTOR) == Some(&guest_pattern()[..]));
+    assert!(after.get(..SECTOR) == image.get(..SECTOR));
+    assert!(after.get(2 * SECTOR..) == image.get(2 * SECTOR..));
+}
+
+#[test]
+fn read_only_root_drive_refuses_writes_and_names_vdb() {
+    let dir = TempDir::new("blk-ro");
+    let data = dir.path("data.img");
+    let root = dir.path("root.img");
+    let data_image = make_image(&data, 16, 0xdead_beef);
+    // A partial last sector: the guest sees only whole sectors.
+    let mut root_image = make_image(&root, 33, 0x0bad_cafe);
+    root_image.extend_from_slice(&[0x55; 100]);
+    std::fs::write(&root, &root_image).expect("write root image");
+    let o = run_config(
+        &blk_config(&[
+            drive_json("data", &data, false, false, "Unsafe"),
+            drive_json("rootfs", &root, true, true, "Unsafe"),
+        ]),
+        &[],
+        T,
+    );
+    o.assert_ok();
+    let cmdline = o
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("cmdline: "))
+        .unwrap_or_default();
+    for want in [
+        "virtio_mmio.device=4K@0xd0001000:5",
+        "virtio_mmio.device=4K@0xd0002000:6",
+        "root=/dev/vdb",
+        " ro",
+    ] {
+        assert!(cmdline.contains(want), "`{want}` not in `{cmdline}`");
+    }
+
+    let rw = device_lines(&o, 0xd000_1000);
+    has(&rw, "blk: capacity=16 ro=0", &o);
+    expect_crcs(&rw, &data_image, &o);
+    has(&rw, "blk: write status=0", &o);
+    has(&rw, "blk: flush status=0", &o);
+
+    let ro = device_lines(&o, 0xd000_2000);
+    has(&ro, "blk: capacity=33 ro=1", &o);
+    expect_crcs(&ro, root_image.get(..33 * SECTOR).unwrap_or_default(), &o);
+    has(&ro, "blk: id=rootfs", &o);
+    has(&ro, "blk: write status=1", &o);
+    has(&ro, "blk: readback mismatch", &o);
+    has(&ro, "blk: flush status=0", &o);
+    assert!(
+        std::fs::read(&root).expect("read root") == root_image,
+        "read-only image changed"
+    );
+}
+
+#[test]
+fn partuuid_root_goes_on_the_command_line() {
+    let dir = TempDir::new("blk-partuuid");
+    let img = dir.path("root.img");
+    make_image(&img, 8, 7);
+    let drive = format!(
+        r#"{{"drive_id": "root", "path_on_host": "{}", "is_root_device": true,
+             "partuuid": "0eaa91a0-01"}}"#,
+        img.display()
+    );
+    let o = run_config(&blk_config(&[drive]), &[], T);
+    o.assert_ok();
+    let cmdline = o
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("cmdline: "))
+        .unwrap_or_default();
+    assert!(
+        cmdline.contains("root=PARTUUID=0eaa91a0-01 rw"),
+        "{cmdline}"
+    );
+}
+
+#[test]
+fn missing_disk_is_a_configuration_error() {
+    let o = run_config(
+        &blk_config(&[drive_json(
+            "gone",
+            Path::new("/nonexistent/disk.img"),
+            false,
+            false,
+            "Unsafe",
+        )]),
+        &[],
+        T,
+    );
+    assert!(!o.timed_out, "{o:#?}");
+    assert_eq!(o.code, Some(ember::exit_code::BAD_CONFIGURATION), "{o:#?}");
+    assert!(o.stderr.contains("/nonexistent/disk.img"), "{o:#?}");
+    assert!(!o.stderr.contains("panicked"), "{o:#?}");
+}
