@@ -102,6 +102,8 @@ pub struct BuiltVm {
     pub ioapic: Arc<Mutex<irq::Ioapic>>,
     /// virtio-mmio transports (block devices), in slot order.
     pub virtio: Vec<Arc<Mutex<crate::devices::virtio::MmioTransport>>>,
+    /// The block devices by drive_id, for PATCH /drives.
+    pub drives: Vec<(String, Arc<Mutex<crate::devices::virtio::MmioTransport>>)>,
     pub vcpus: Vec<Vcpu>,
     pub controls: Vec<Arc<VcpuControl>>,
     pub cmdline: String,
@@ -267,6 +269,12 @@ pub fn build(
         serial_input_space,
         i8042,
         ioapic,
+        drives: config
+            .drives
+            .iter()
+            .map(|d| d.drive_id.clone())
+            .zip(block.devices.iter().cloned())
+            .collect(),
         virtio: block.devices,
         vcpus,
         controls,

@@ -152,11 +152,16 @@ impl Controller {
                 Ok(ActionOk::NoContent)
             }
             Action::PatchDrive(u) => {
-                let _ = self.running()?;
+                let vmm = self.running()?;
                 u.validate().map_err(bad)?;
-                Err(ActionError::bad_request(
-                    "updating a drive after start is not implemented yet",
-                ))
+                // Check the id before touching the device, so the config and the VM agree.
+                let mut drives = self.config.drives.clone();
+                u.apply(&mut drives).map_err(bad)?;
+                if let Some(path) = &u.path_on_host {
+                    vmm.update_drive(&u.drive_id, path).map_err(bad)?;
+                }
+                self.config.drives = drives;
+                Ok(ActionOk::NoContent)
             }
             Action::PutNetworkInterface(n) => {
                 self.pre_boot()?;

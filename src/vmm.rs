@@ -289,6 +289,7 @@ pub struct Vmm {
     _mmio: Arc<crate::devices::bus::Bus>,
     _ioapic: Arc<Mutex<crate::vm::irq::Ioapic>>,
     virtio: Vec<Arc<Mutex<crate::devices::virtio::MmioTransport>>>,
+    drives: Vec<(String, Arc<Mutex<crate::devices::virtio::MmioTransport>>)>,
 }
 
 impl Vmm {
@@ -325,6 +326,7 @@ impl Vmm {
             _mmio: built.mmio,
             _ioapic: built.ioapic,
             virtio: built.virtio,
+            drives: built.drives,
         })
     }
 
@@ -338,6 +340,18 @@ impl Vmm {
         for c in &self.controls {
             c.resume();
         }
+    }
+
+    /// Points drive `id` at another backing file and tells the guest about its new size.
+    pub fn update_drive(&self, id: &str, path: &str) -> Result<(), String> {
+        let (_, dev) = self
+            .drives
+            .iter()
+            .find(|(d, _)| d == id)
+            .ok_or_else(|| format!("no drive `{id}`"))?;
+        dev.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .update_backing(path)
     }
 
     /// Makes every device's data durable (called on every exit path).

@@ -605,3 +605,82 @@ fn metrics_and_boot_timer() {
     assert!(v["api_server"]["requests"].as_u64().unwrap() >= 3, "{last}");
     assert!(v["vcpu"]["exits_io"].as_u64().unwrap() > 0, "{last}");
 }
+
+#[test]
+fn patch_drive_swaps_the_backing_file_after_start() {
+    let dir = TempDir::new("patchdrive");
+    let a = dir.path("a.img");
+    let b = dir.path("b.img");
+    std::fs::write(&a, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&b, vec![1u8; 2 << 20]).unwrap();
+    let e = Ember::start(&[]);
+    let s = &e.sock;
+    let drive = format!(
+        r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+        a.display()
+    );
+    let patch = |p: &Path| {
+        format!(
+            r#"{{"drive_id": "data", "path_on_host": "{}"}}"#,
+            p.display()
+        )
+    };
+    assert_eq!(curl(s, "PUT", "/drives/data", Some(&drive)).0, 204);
+    // PATCH is for a running VM only, as in Firecracker.
+    assert_fault(
+        curl(s, "PATCH", "/drives/data", Some(&patch(&b))),
+        400,
+        "before starting",
+    );
+    assert_eq!(
+        curl(
+            s,
+            "PUT",
+            "/boot-source",
+            Some(&boot_source("ember_test=counter"))
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        curl(
+            s,
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#)
+        )
+        .0,
+        204
+    );
+    assert_fault(
+        curl(s, "PUT", "/drives/data", Some(&drive)),
+        400,
+        "after starting",
+    );
+    assert_eq!(curl(s, "PATCH", "/drives/data", Some(&patch(&b))).0, 204);
+    let (_, cfg) = curl(s, "GET", "/vm/config", None);
+    assert!(cfg.contains(b.to_str().unwrap()), "{cfg}");
+    assert_fault(
+        curl(
+            s,
+            "PATCH",
+            "/drives/data",
+            Some(&patch(&dir.path("missing.img"))),
+        ),
+        400,
+        "missing.img",
+    );
+    assert_fault(
+        curl(
+            s,
+            "PATCH",
+            "/drives/nosuch",
+            Some(r#"{"drive_id": "nosuch", "path_on_host": "/x"}"#),
+        ),
+        400,
+        "nosuch",
+    );
+    // A failed swap leaves the configuration as it was.
+    let (_, cfg) = curl(s, "GET", "/vm/config", None);
+    assert!(cfg.contains(b.to_str().unwrap()), "{cfg}");
+}

@@ -73,42 +73,60 @@ const IOERR: Outcome = Outcome {
     written: 0,
 };
 
+/// Opens a drive's file (read-only drives with O_RDONLY, so not even a bug here can write
+/// to them) and returns it with its size in whole sectors.
+fn open_backing(id: &str, path: &str, read_only: bool) -> Result<(File, u64), VirtioError> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|source| VirtioError::OpenDisk {
+            id: id.to_string(),
+            path: path.to_string(),
+            source,
+        })?;
+    // Seeking to the end also sizes block devices, whose metadata length is 0.
+    let len = file
+        .seek(SeekFrom::End(0))
+        .map_err(|source| VirtioError::DiskSize {
+            id: id.to_string(),
+            path: path.to_string(),
+            source,
+        })?;
+    if len % SECTOR_SIZE != 0 {
+        log::warn!(
+            "drive `{id}`: {path} is {len} bytes, not a multiple of {SECTOR_SIZE}; the guest \
+             does not see the last {} bytes",
+            len % SECTOR_SIZE
+        );
+    }
+    Ok((file, len >> SECTOR_SHIFT))
+}
+
 impl Disk {
     /// Opens the drive's file: read-only drives with O_RDONLY, so not even a bug here can
     /// write to them.
     pub fn open(drive: &DriveConfig) -> Result<Disk, VirtioError> {
-        let path = &drive.path_on_host;
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!drive.is_read_only)
-            .open(path)
-            .map_err(|source| VirtioError::OpenDisk {
-                id: drive.drive_id.clone(),
-                path: path.clone(),
-                source,
-            })?;
-        // Seeking to the end also sizes block devices, whose metadata length is 0.
-        let len = file
-            .seek(SeekFrom::End(0))
-            .map_err(|source| VirtioError::DiskSize {
-                id: drive.drive_id.clone(),
-                path: path.clone(),
-                source,
-            })?;
-        if len % SECTOR_SIZE != 0 {
-            log::warn!(
-                "drive `{}`: {path} is {len} bytes, not a multiple of {SECTOR_SIZE}; the guest \
-                 does not see the last {} bytes",
-                drive.drive_id,
-                len % SECTOR_SIZE
-            );
-        }
+        let (file, sectors) =
+            open_backing(&drive.drive_id, &drive.path_on_host, drive.is_read_only)?;
         Ok(Disk::from_file(
             file,
             &drive.drive_id,
             drive.is_read_only,
             drive.cache_type,
-            len >> SECTOR_SHIFT,
+            sectors,
+        ))
+    }
+
+    /// The same drive on another file (PATCH /drives after start).
+    fn reopen(&self, path: &str) -> Result<Disk, VirtioError> {
+        let (file, sectors) = open_backing(&self.id, path, self.read_only)?;
+        Ok(Disk::from_file(
+            file,
+            &self.id,
+            self.read_only,
+            self.cache_type,
+            sectors,
         ))
     }
 
@@ -509,6 +527,20 @@ impl VirtioDevice for Block {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.disk.flush()
+    }
+
+    fn update_backing(&mut self, path: &str) -> Result<bool, String> {
+        let new = Disk::reopen(&self.disk, path).map_err(|e| e.to_string())?;
+        // What the guest wrote to the old file stays there.
+        self.disk
+            .flush()
+            .map_err(|e| format!("cannot flush the old backing file: {e}"))?;
+        self.disk.file = new.file;
+        self.disk.capacity = new.capacity;
+        let config = self.disk.config_space();
+        let changed = config != self.config;
+        self.config = config;
+        Ok(changed)
     }
 }
 

@@ -213,6 +213,18 @@ impl MmioTransport {
         self.device.flush()
     }
 
+    /// Swaps the device's backing file; when its config space changed (a new size), the
+    /// config generation moves on and a running driver gets a config-change interrupt.
+    pub fn update_backing(&mut self, path: &str) -> Result<(), String> {
+        if self.device.update_backing(path)? {
+            self.config_generation = self.config_generation.wrapping_add(1);
+            if self.activated {
+                self.interrupt.signal_config_change();
+            }
+        }
+        Ok(())
+    }
+
     /// Runs queue `index` after a kick, if the device is running.
     pub fn process_queue(&mut self, index: usize) {
         if !self.activated || self.status & VIRTIO_CONFIG_S_FAILED != 0 {

@@ -157,6 +157,11 @@ pub trait VirtioDevice: Send {
     }
     /// One of `event_sources()` (by position) is readable.
     fn process_event(&mut self, _source: usize) {}
+    /// Replaces the device's backing file (PATCH /drives after start). Returns whether the
+    /// config space changed, so the transport can notify the driver.
+    fn update_backing(&mut self, _path: &str) -> Result<bool, String> {
+        Err("this device has no backing file".into())
+    }
 }
 
 /// The kernel command-line entry that tells Linux about one virtio-mmio device.
