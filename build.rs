@@ -10,7 +10,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 const GUEST_DIR: &str = "tests/guest";
-const GUEST_SOURCES: &[&str] = &["start.S", "main.c", "lib.c", "virtio.c", "blk.c", "net.c"];
+const GUEST_SOURCES: &[&str] = &[
+    "start.S",
+    "main.c",
+    "lib.c",
+    "virtio.c",
+    "blk.c",
+    "net.c",
+    "blkbench.c",
+    "netbench.c",
+];
 const GUEST_OTHER_INPUTS: &[&str] = &["guest.h", "virtio.h", "guest.ld"];
 const GUEST_IMAGE: &str = "ember-test-guest";
 

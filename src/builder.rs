@@ -69,6 +69,7 @@ impl BuildError {
             | BuildError::Virtio(crate::devices::virtio::VirtioError::OpenDisk { .. })
             | BuildError::Virtio(crate::devices::virtio::VirtioError::DiskSize { .. })
             | BuildError::Virtio(crate::devices::virtio::VirtioError::TooManyDevices { .. })
+            | BuildError::Virtio(crate::devices::virtio::VirtioError::Tap { .. })
             | BuildError::Memory(memory::MemoryError::TooLarge(_))
             | BuildError::Memory(memory::MemoryError::Mmap { .. }) => exit_code::BAD_CONFIGURATION,
             _ => exit_code::GENERIC_ERROR,
@@ -108,6 +109,10 @@ pub struct BuiltVm {
     pub controls: Vec<Arc<VcpuControl>>,
     pub cmdline: String,
 }
+
+/// Boot arguments that keep Linux off the instructions a PVM host cannot emulate in guest
+/// kernel mode: XSAVE/XRSTOR, POPCNT and SMAP's CLAC/STAC.
+pub const PVM_BOOT_ARGS: &[&str] = &["noxsave", "clearcpuid=popcnt,smap"];
 
 /// Build choices that come from the command line rather than the configuration.
 #[derive(Clone, Debug, Default)]
@@ -199,16 +204,34 @@ pub fn build(
         )?
     };
 
+    // Then network interfaces, in config order (eth0, eth1, ...).
+    let net = {
+        let io = ioapic.lock().unwrap_or_else(|p| p.into_inner());
+        crate::devices::virtio::create_net_devices(
+            &config.network_interfaces,
+            &vm,
+            &io,
+            &mem,
+            &mut mmio,
+            &mut next_virtio_slot,
+        )?
+    };
+
     // Command line: ember's additions, then boot params.
     let mut additions = block.cmdline.clone();
+    additions.extend(net.cmdline.iter().cloned());
     let pvm = crate::vm::is_pvm_host();
     if pvm {
+        // PVM runs guest kernel code without CPUID faulting on some hosts, so the CPUID
+        // masks alone may not reach the guest: the boot arguments make Linux avoid the
+        // instructions PVM cannot emulate (see ENVIRONMENT.md) whatever CPUID says.
+        additions.extend(PVM_BOOT_ARGS.iter().map(|a| a.to_string()));
         log::info!(
-            "PVM host (/sys/module/kvm_pvm): hiding {} in the guest's CPUID",
-            cpuid::PVM_MASKS
+            "PVM host (/sys/module/kvm_pvm): hiding {} in the guest's CPUID and adding `{}` to the command line",
+            cpuid::PVM_MASKS,
+            PVM_BOOT_ARGS.join(" ")
         );
     }
-    let _ = &mut additions;
     let cmdline = boot::build_cmdline(config.boot_source.boot_args.as_deref(), &additions)?;
     boot::write_boot_params(&mem, &kernel, &cmdline, initrd)?;
     mptable::setup(&mem, vcpu_count)?;
@@ -275,7 +298,11 @@ pub fn build(
             .map(|d| d.drive_id.clone())
             .zip(block.devices.iter().cloned())
             .collect(),
-        virtio: block.devices,
+        virtio: block
+            .devices
+            .into_iter()
+            .chain(net.devices.into_iter().map(|(_, t)| t))
+            .collect(),
         vcpus,
         controls,
         cmdline,

@@ -18,7 +18,8 @@ struct virtio_blk_req_hdr {
 	uint64_t sector;
 };
 
-static struct virtqueue vq NOINIT __attribute__((aligned(4096)));
+static struct virtqueue vq;
+static uint8_t vq_rings[VQ_RING_BYTES(VQ_SIZE)] NOINIT __attribute__((aligned(4096)));
 static struct virtio_blk_req_hdr hdr __attribute__((aligned(16)));
 static uint8_t data[SECTOR_SIZE] NOINIT __attribute__((aligned(512)));
 static volatile uint8_t status;
@@ -77,7 +78,7 @@ void blk_test(uint64_t base)
 	uint64_t features;
 	if (virtio_negotiate(base, "blk", 0, &features) != 0)
 		return;
-	if (virtio_setup_queue(base, "blk", 0, &vq) != 0)
+	if (virtio_setup_queue(base, "blk", 0, &vq, vq_rings, VQ_SIZE) != 0)
 		return;
 	virtio_driver_ok(base);
 

@@ -84,6 +84,8 @@ int memcmp(const void *a, const void *b, size_t n);
 size_t strlen(const char *s);
 void putc_serial(char c);
 void puts_serial(const char *s);
+/* Writes `len` bytes with back-to-back `out` instructions, no LSR polling (flood mode). */
+void write_serial_fast(const char *s, size_t len);
 void kprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 uint32_t crc32(const void *data, size_t len);
 uint64_t tsc_hz(void);
@@ -98,9 +100,16 @@ const char *parse_u64(const char *s, uint64_t *out);
 /* virtio.c: runs the per-device test on every virtio-mmio device of the given ID
  * announced on the command line (`virtio_mmio.device=<size>@<base>:<irq>`). */
 void virtio_test_all(const char *cmdline, uint32_t device_id);
+/* The same probe with a caller's `run` per device: prints "<tag>: device 0x<base>" before
+ * and resets the device after each, "<tag>: no device" if there is none. */
+void virtio_for_each(const char *cmdline, uint32_t device_id, const char *tag,
+		     void (*run)(uint64_t base, const char *cmdline));
 
 /* blk.c, net.c: one device each, already probed (magic, version, device ID). */
 void blk_test(uint64_t base);
 void net_test(uint64_t base);
+/* blkbench.c, netbench.c: throughput / latency measurements (README.md). */
+void blk_bench(uint64_t base, const char *cmdline);
+void net_bench(uint64_t base, const char *cmdline);
 
 #endif

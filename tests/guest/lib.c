@@ -80,6 +80,14 @@ void puts_serial(const char *s)
 		putc_serial(*s++);
 }
 
+void write_serial_fast(const char *s, size_t len)
+{
+	/* One `out` per byte and nothing else the emulator must step through: the point
+	 * is to produce output as fast as the guest can. */
+	while (len--)
+		outb((uint8_t)*s++, COM1);
+}
+
 static void put_u64(uint64_t v, unsigned base, int width, char pad)
 {
 	char buf[24];
@@ -213,6 +221,62 @@ uint32_t crc32(const void *data, size_t len)
 	return ~crc;
 }
 
+/* KVM's pvclock page (struct pvclock_vcpu_time_info): the host fills it after the guest
+ * writes its address | 1 to MSR_KVM_SYSTEM_TIME_NEW. */
+struct pvclock_time_info {
+	uint32_t version;
+	uint32_t pad0;
+	uint64_t tsc_timestamp;
+	uint64_t system_time;
+	uint32_t tsc_to_system_mul;
+	int8_t tsc_shift;
+	uint8_t flags;
+	uint8_t pad[2];
+};
+
+#define MSR_KVM_SYSTEM_TIME_NEW 0x4b564d01u
+#define KVM_FEATURE_CLOCKSOURCE2 3
+
+static struct pvclock_time_info pvclock __attribute__((aligned(64)));
+
+static void wrmsr(uint32_t msr, uint64_t value)
+{
+	__asm__ volatile("wrmsr" : : "c"(msr), "a"((uint32_t)value), "d"((uint32_t)(value >> 32)) : "memory");
+}
+
+/* TSC frequency from kvmclock's scale (ns = ticks * mul / 2^32, shifted), or 0 when KVM
+ * does not offer it. AMD hosts have neither CPUID 0x15 nor 0x16, and KVM no 0x40000010. */
+static uint64_t kvmclock_tsc_hz(void)
+{
+	uint32_t a, b, c, d;
+	cpuid(0x40000000, &a, &b, &c, &d);
+	/* "KVMKVMKVM\0\0\0" */
+	if (a < 0x40000001 || b != 0x4b4d564bu || c != 0x564b4d56u || d != 0x4du)
+		return 0;
+	cpuid(0x40000001, &a, &b, &c, &d);
+	if (!(a & (1u << KVM_FEATURE_CLOCKSOURCE2)))
+		return 0;
+	wrmsr(MSR_KVM_SYSTEM_TIME_NEW, (uint64_t)&pvclock | 1);
+	uint32_t mul = 0;
+	int8_t shift = 0;
+	for (int i = 0; i < 1000 && !mul; i++) {
+		uint32_t v = *(volatile uint32_t *)&pvclock.version;
+		barrier();
+		mul = *(volatile uint32_t *)&pvclock.tsc_to_system_mul;
+		shift = *(volatile int8_t *)&pvclock.tsc_shift;
+		barrier();
+		/* An odd or changed version means the host was writing: read again. */
+		if ((v & 1) || v != *(volatile uint32_t *)&pvclock.version)
+			mul = 0;
+	}
+	/* Stop the host from updating the page: it is ordinary .bss. */
+	wrmsr(MSR_KVM_SYSTEM_TIME_NEW, 0);
+	if (!mul || shift < -8 || shift > 8)
+		return 0;
+	uint64_t hz = (1000000000ull << 32) / mul;
+	return shift >= 0 ? hz >> shift : hz << -shift;
+}
+
 /* TSC frequency, roughly: ticks and timeouts need not be exact. */
 uint64_t tsc_hz(void)
 {
@@ -241,9 +305,14 @@ uint64_t tsc_hz(void)
 	cpuid(0x40000000, &a, &b, &c, &d);
 	if (a >= 0x40000010 && a < 0x50000000) {
 		cpuid(0x40000010, &a, &b, &c, &d);
-		if (a)
+		if (a) {
 			cached = (uint64_t)a * 1000ull;
+			return cached;
+		}
 	}
+	uint64_t hz = kvmclock_tsc_hz();
+	if (hz)
+		cached = hz;
 	return cached;
 }
 

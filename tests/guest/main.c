@@ -21,6 +21,15 @@
 #define MODE_BOOTTIMER (1u << 3)
 #define MODE_BLK (1u << 4)
 #define MODE_NET (1u << 5)
+#define MODE_FLOOD (1u << 6)
+#define MODE_BLKBENCH (1u << 7)
+#define MODE_NETBENCH (1u << 8)
+
+/* Where no device lives in ember: an I/O port (QEMU's fw_cfg, absent in ember) and a
+ * page inside the MMIO gap above the virtio windows. Both must read as all ones. */
+#define UNMAPPED_PORT 0x510
+#define UNMAPPED_MMIO 0xd0ff0000ull
+#define FLOOD_XS 100
 
 #define PAGE_SIZE 4096ull
 #define PTE_PRESENT 0x1ull
@@ -79,6 +88,7 @@ static unsigned parse_modes(void)
 	} names[] = {
 		{"basic", MODE_BASIC}, {"triplefault", MODE_TRIPLEFAULT}, {"counter", MODE_COUNTER},
 		{"boottimer", MODE_BOOTTIMER}, {"blk", MODE_BLK}, {"net", MODE_NET},
+		{"flood", MODE_FLOOD}, {"blkbench", MODE_BLKBENCH}, {"netbench", MODE_NETBENCH},
 	};
 	unsigned modes = 0;
 	const char *p = NULL;
@@ -199,6 +209,17 @@ static uint64_t report_e820(const uint8_t *bp)
 	}
 	kprintf("e820: ram=%lu\n", ram);
 	return last_page;
+}
+
+/* Reads and writes where nothing is mapped; the VMM must return all ones and ignore
+ * the writes (and keep the guest running). */
+static void test_unmapped(void)
+{
+	uint8_t port = inb(UNMAPPED_PORT);
+	uint32_t mmio = mmio_read32(UNMAPPED_MMIO);
+	outb(0x5a, UNMAPPED_PORT);
+	mmio_write32(UNMAPPED_MMIO, 0x5a5a5a5au);
+	kprintf("unmapped: port=0x%02x mmio=0x%08x\n", port, mmio);
 }
 
 static uint64_t read_cr3(void)
@@ -338,6 +359,32 @@ static void counter_loop(void)
 	}
 }
 
+/* Never returns: "flood <n> " and 100 'x' per line, written with plain `out`s. The
+ * line is built once; only the number changes. */
+static void flood(void) __attribute__((noreturn));
+static void flood(void)
+{
+	static char line[32 + FLOOD_XS] NOINIT;
+	static char tail[FLOOD_XS + 1] NOINIT;
+	memset(tail, 'x', FLOOD_XS);
+	tail[FLOOD_XS] = '\n';
+	memcpy(line, "flood ", 6);
+	for (uint64_t n = 0;; n++) {
+		char digits[20];
+		size_t nd = 0, len = 6;
+		uint64_t v = n;
+		do {
+			digits[nd++] = (char)('0' + v % 10);
+			v /= 10;
+		} while (v);
+		while (nd)
+			line[len++] = digits[--nd];
+		line[len++] = ' ';
+		memcpy(line + len, tail, sizeof(tail));
+		write_serial_fast(line, len + sizeof(tail));
+	}
+}
+
 void guest_main(const uint8_t *boot_params)
 {
 	puts_serial("ember-test-guest: hello\n");
@@ -347,14 +394,21 @@ void guest_main(const uint8_t *boot_params)
 		mmio_write8(BOOT_TIMER_ADDR, BOOT_TIMER_MAGIC);
 	if (modes & MODE_TRIPLEFAULT)
 		triple_fault();
+	if (modes & MODE_FLOOD)
+		flood();
 	kprintf("cmdline: %s\n", cmdline);
 	report_mptable();
 	uint64_t last_page = report_e820(boot_params);
+	test_unmapped();
 	test_last_page(last_page);
 	if (modes & MODE_BLK)
 		virtio_test_all(cmdline, 2);
 	if (modes & MODE_NET)
 		virtio_test_all(cmdline, 1);
+	if (modes & MODE_BLKBENCH)
+		virtio_for_each(cmdline, 2, "blk-bench", blk_bench);
+	if (modes & MODE_NETBENCH)
+		virtio_for_each(cmdline, 1, "net-bench", net_bench);
 	if (modes & MODE_COUNTER)
 		counter_loop();
 	puts_serial("ember-test-guest: done\n");

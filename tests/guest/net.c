@@ -13,8 +13,9 @@
 #define TX_TIMEOUT_MS 2000
 #define RX_TIMEOUT_MS 5000
 
-static struct virtqueue rxq NOINIT __attribute__((aligned(4096)));
-static struct virtqueue txq NOINIT __attribute__((aligned(4096)));
+static struct virtqueue rxq, txq;
+static uint8_t rx_rings[VQ_RING_BYTES(VQ_SIZE)] NOINIT __attribute__((aligned(4096)));
+static uint8_t tx_rings[VQ_RING_BYTES(VQ_SIZE)] NOINIT __attribute__((aligned(4096)));
 static uint8_t rx_bufs[RX_BUFS][RX_BUF_SIZE] NOINIT __attribute__((aligned(4096)));
 static uint8_t tx_buf[NET_HDR_SIZE + ETH_MIN_FRAME] NOINIT __attribute__((aligned(64)));
 
@@ -36,7 +37,8 @@ void net_test(uint64_t base)
 	uint64_t features;
 	if (virtio_negotiate(base, "net", 1u << VIRTIO_NET_F_MAC, &features) != 0)
 		return;
-	if (virtio_setup_queue(base, "net", 0, &rxq) != 0 || virtio_setup_queue(base, "net", 1, &txq) != 0)
+	if (virtio_setup_queue(base, "net", 0, &rxq, rx_rings, VQ_SIZE) != 0 ||
+	    virtio_setup_queue(base, "net", 1, &txq, tx_rings, VQ_SIZE) != 0)
 		return;
 	virtio_driver_ok(base);
 

@@ -54,21 +54,29 @@ int virtio_negotiate(uint64_t base, const char *tag, uint32_t wanted, uint64_t *
 	return 0;
 }
 
-int virtio_setup_queue(uint64_t base, const char *tag, uint16_t index, struct virtqueue *vq)
+int virtio_setup_queue(uint64_t base, const char *tag, uint16_t index, struct virtqueue *vq, void *rings,
+		       uint16_t num)
 {
-	memset(vq, 0, sizeof(*vq));
+	uint8_t *mem = rings;
+	memset(mem, 0, VQ_RING_BYTES(num));
+	vq->desc = (struct vring_desc *)mem;
+	vq->avail = (struct vring_avail *)(mem + 16u * num);
+	vq->used = (struct vring_used *)(mem + (16u * num + 6u + 2u * num + 3u) / 4u * 4u);
 	vq->base = base;
 	vq->index = index;
+	vq->num = num;
+	vq->next_avail = 0;
+	vq->last_used = 0;
 	wr(base, VIRTIO_MMIO_QUEUE_SEL, index);
 	if (rd(base, VIRTIO_MMIO_QUEUE_READY) != 0)
 		return fail(base, tag, "queue already ready after reset");
 	uint32_t max = rd(base, VIRTIO_MMIO_QUEUE_NUM_MAX);
-	if (max < VQ_SIZE) {
-		kprintf("%s: error: queue %u size max %u < %u\n", tag, index, max, VQ_SIZE);
+	if (max < num) {
+		kprintf("%s: error: queue %u size max %u < %u\n", tag, index, max, num);
 		return fail(base, tag, "queue too small");
 	}
-	wr(base, VIRTIO_MMIO_QUEUE_NUM, VQ_SIZE);
-	uint64_t desc = (uint64_t)vq->desc, avail = (uint64_t)&vq->avail, used = (uint64_t)&vq->used;
+	wr(base, VIRTIO_MMIO_QUEUE_NUM, num);
+	uint64_t desc = (uint64_t)vq->desc, avail = (uint64_t)vq->avail, used = (uint64_t)vq->used;
 	wr(base, VIRTIO_MMIO_QUEUE_DESC_LOW, (uint32_t)desc);
 	wr(base, VIRTIO_MMIO_QUEUE_DESC_HIGH, (uint32_t)(desc >> 32));
 	wr(base, VIRTIO_MMIO_QUEUE_DRIVER_LOW, (uint32_t)avail);
@@ -86,11 +94,11 @@ void virtio_driver_ok(uint64_t base)
 
 void vq_push(struct virtqueue *vq, uint16_t head)
 {
-	vq->avail.ring[vq->next_avail % VQ_SIZE] = head;
+	vq->avail->ring[vq->next_avail & (vq->num - 1)] = head;
 	/* The ring entry must be visible before the index that publishes it. */
 	barrier();
 	vq->next_avail++;
-	*(volatile uint16_t *)&vq->avail.idx = vq->next_avail;
+	*(volatile uint16_t *)&vq->avail->idx = vq->next_avail;
 }
 
 void vq_notify(struct virtqueue *vq)
@@ -99,18 +107,25 @@ void vq_notify(struct virtqueue *vq)
 	wr(vq->base, VIRTIO_MMIO_QUEUE_NOTIFY, vq->index);
 }
 
+int vq_poll(struct virtqueue *vq, uint32_t *id, uint32_t *len)
+{
+	uint16_t used_idx = *(volatile uint16_t *)&vq->used->idx;
+	if (used_idx == vq->last_used)
+		return 0;
+	/* Read the element only after seeing the index that published it. */
+	barrier();
+	const volatile struct vring_used_elem *e = &vq->used->ring[vq->last_used & (vq->num - 1)];
+	*id = e->id;
+	*len = e->len;
+	vq->last_used++;
+	return 1;
+}
+
 int vq_wait(struct virtqueue *vq, uint64_t timeout_ms, uint32_t *id, uint32_t *len)
 {
 	uint64_t end = rdtsc() + tsc_hz() / 1000 * timeout_ms;
 	for (;;) {
-		uint16_t used_idx = *(volatile uint16_t *)&vq->used.idx;
-		if (used_idx != vq->last_used) {
-			/* Read the element only after seeing the index that published it. */
-			barrier();
-			const volatile struct vring_used_elem *e = &vq->used.ring[vq->last_used % VQ_SIZE];
-			*id = e->id;
-			*len = e->len;
-			vq->last_used++;
+		if (vq_poll(vq, id, len)) {
 			/* Interrupts are off; acknowledge anyway so a level-triggered line drops. */
 			uint32_t isr = rd(vq->base, VIRTIO_MMIO_INTERRUPT_STATUS);
 			if (isr)
@@ -135,9 +150,9 @@ static const char *parse_device(const char *p, uint64_t *base)
 	return *p == ':' ? p : NULL;
 }
 
-void virtio_test_all(const char *cmdline, uint32_t device_id)
+void virtio_for_each(const char *cmdline, uint32_t device_id, const char *tag,
+		     void (*run)(uint64_t base, const char *cmdline))
 {
-	const char *tag = device_id == 2 ? "blk" : "net";
 	int found = 0;
 	const char *p = NULL;
 	while ((p = cmdline_find(cmdline, p, "virtio_mmio.device=")) != NULL) {
@@ -161,12 +176,29 @@ void virtio_test_all(const char *cmdline, uint32_t device_id)
 		}
 		found = 1;
 		kprintf("%s: device 0x%lx\n", tag, base);
-		if (device_id == 2)
-			blk_test(base);
-		else
-			net_test(base);
+		run(base, cmdline);
 		virtio_reset(base);
 	}
 	if (!found)
 		kprintf("%s: no device\n", tag);
+}
+
+static void run_blk_test(uint64_t base, const char *cmdline)
+{
+	(void)cmdline;
+	blk_test(base);
+}
+
+static void run_net_test(uint64_t base, const char *cmdline)
+{
+	(void)cmdline;
+	net_test(base);
+}
+
+void virtio_test_all(const char *cmdline, uint32_t device_id)
+{
+	if (device_id == 2)
+		virtio_for_each(cmdline, device_id, "blk", run_blk_test);
+	else
+		virtio_for_each(cmdline, device_id, "net", run_net_test);
 }

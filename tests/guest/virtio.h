@@ -40,7 +40,8 @@
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2
 
-/* Small rings: every test keeps at most a handful of requests in flight. */
+/* Queue sizes (powers of two, so the free-running 16-bit ring indices wrap cleanly):
+ * the device tests keep at most a handful of requests in flight, the benchmarks more. */
 #define VQ_SIZE 8
 
 struct vring_desc {
@@ -50,11 +51,11 @@ struct vring_desc {
 	uint16_t next;
 };
 
+/* Driver area: flags, idx, ring[num], used_event. */
 struct vring_avail {
 	uint16_t flags;
 	uint16_t idx;
-	uint16_t ring[VQ_SIZE];
-	uint16_t used_event;
+	uint16_t ring[];
 };
 
 struct vring_used_elem {
@@ -62,30 +63,56 @@ struct vring_used_elem {
 	uint32_t len;
 };
 
+/* Device area: flags, idx, ring[num], avail_event. */
 struct vring_used {
 	uint16_t flags;
 	uint16_t idx;
-	struct vring_used_elem ring[VQ_SIZE];
-	uint16_t avail_event;
+	struct vring_used_elem ring[];
 };
 
-/* One split virtqueue; the rings live in the guest image's .bss. */
+/* Bytes of ring memory for a queue of n entries: descriptor table (16 n), driver area
+ * (6 + 2 n), device area (6 + 8 n, 4-byte aligned). Declare it 4096-aligned, NOINIT
+ * (virtio_setup_queue clears it). */
+#define VQ_RING_BYTES(n) ((16u * (n) + 6u + 2u * (n) + 3u) / 4u * 4u + 6u + 8u * (n))
+
+/* One split virtqueue; the rings live in the memory given to virtio_setup_queue. */
 struct virtqueue {
-	struct vring_desc desc[VQ_SIZE] __attribute__((aligned(16)));
-	struct vring_avail avail __attribute__((aligned(2)));
-	struct vring_used used __attribute__((aligned(4)));
+	struct vring_desc *desc;
+	struct vring_avail *avail;
+	struct vring_used *used;
 	uint64_t base;
 	uint16_t index;
+	uint16_t num;
 	uint16_t next_avail;
 	uint16_t last_used;
 };
+
+/* The device's used index, read once; elements below it may be read after this. The
+ * benchmarks walk the rings themselves with it: per-element function calls cost too
+ * many emulated instructions on the PVM host. */
+static inline uint16_t vq_used_idx(const struct virtqueue *vq)
+{
+	uint16_t idx = *(const volatile uint16_t *)&vq->used->idx;
+	barrier();
+	return idx;
+}
+
+/* Makes avail ring entries up to `next_avail` (already written) visible. */
+static inline void vq_publish(struct virtqueue *vq, uint16_t next_avail)
+{
+	barrier();
+	vq->next_avail = next_avail;
+	*(volatile uint16_t *)&vq->avail->idx = next_avail;
+}
 
 /* Resets the device and negotiates VIRTIO_F_VERSION_1 plus the `wanted` low feature
  * bits the device offers. Returns the device's full feature set in *offered, or -1 after
  * printing "<tag>: error: ..." (the device is then marked FAILED). */
 int virtio_negotiate(uint64_t base, const char *tag, uint32_t wanted, uint64_t *offered);
-/* Sets up queue `index` on rings `vq`; -1 after printing an error. */
-int virtio_setup_queue(uint64_t base, const char *tag, uint16_t index, struct virtqueue *vq);
+/* Sets up queue `index` with `num` entries (a power of two) on ring memory `rings`
+ * (VQ_RING_BYTES(num) bytes, 4096-aligned); -1 after printing an error. */
+int virtio_setup_queue(uint64_t base, const char *tag, uint16_t index, struct virtqueue *vq, void *rings,
+		       uint16_t num);
 void virtio_driver_ok(uint64_t base);
 /* Resets the device, so it stops using the rings before they are reused. */
 void virtio_reset(uint64_t base);
@@ -94,5 +121,8 @@ void vq_push(struct virtqueue *vq, uint16_t head);
 void vq_notify(struct virtqueue *vq);
 /* Waits up to `timeout_ms` for a used element; returns 0 and fills *id / *len, or -1. */
 int vq_wait(struct virtqueue *vq, uint64_t timeout_ms, uint32_t *id, uint32_t *len);
+/* Takes one used element if there is one (returns 1), without waiting and without the
+ * interrupt-status MMIO access vq_wait makes: the benchmarks' hot path. */
+int vq_poll(struct virtqueue *vq, uint32_t *id, uint32_t *len);
 
 #endif
