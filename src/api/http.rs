@@ -439,7 +439,7 @@ mod tests {
         assert!(s.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{s}");
         assert!(s.contains("Connection: close\r\n"), "{s}");
         assert!(
-            s.contains("Content-Type: application/json\r\nContent-Length: 30\r\n\r\n"),
+            s.contains("Content-Type: application/json\r\nContent-Length: 29\r\n\r\n"),
             "{s}"
         );
         assert!(s.ends_with(r#"{"fault_message":"bad \"x\""}"#), "{s}");

@@ -8,7 +8,7 @@
 pub mod http;
 pub mod routes;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -394,7 +394,7 @@ impl Conn {
     fn flush(&mut self) {
         while self.pending_out() > 0 && !self.dead {
             let pending = self.out.get(self.out_pos..).unwrap_or_default();
-            match self.stream.write(pending) {
+            match send_no_sigpipe(&self.stream, pending) {
                 Ok(0) => self.dead = true,
                 Ok(n) => self.out_pos = self.out_pos.saturating_add(n),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -448,6 +448,22 @@ impl Conn {
     }
 }
 
+/// `write` that reports a vanished client as EPIPE instead of raising SIGPIPE, whatever
+/// the process's SIGPIPE disposition is.
+fn send_no_sigpipe(stream: &UnixStream, buf: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: the pointer and length describe `buf`, which is valid for reads for the
+    // whole call; the descriptor belongs to `stream`, which is open while borrowed.
+    let n = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+}
+
 /// One request to one response: (status, JSON body).
 fn handle(request: &http::Request, sender: &ActionSender) -> (u16, Option<String>) {
     log::info!(
@@ -486,6 +502,7 @@ fn handle(request: &http::Request, sender: &ActionSender) -> (u16, Option<String
 mod tests {
     use super::*;
     use crate::action::{Action, ActionError, ActionResult};
+    use std::io::Write;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Mutex, mpsc};
 
@@ -717,7 +734,8 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(g.recv().unwrap().status, 200);
         }
-        drop(g);
+        // The writer holds a clone of the socket: shut it down to unblock the writer.
+        let _ = g.s.shutdown(std::net::Shutdown::Both);
         let _ = writer.join();
         remove_socket(&path);
     }

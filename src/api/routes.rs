@@ -25,77 +25,31 @@ pub struct Route {
 }
 
 pub const ROUTES: &[Route] = &[
-    Route {
-        method: "GET",
-        path: "/",
-        handler: |_, _| Ok(Action::GetInstanceInfo),
-    },
-    Route {
-        method: "GET",
-        path: "/version",
-        handler: |_, _| Ok(Action::GetVersion),
-    },
-    Route {
-        method: "GET",
-        path: "/vm/config",
-        handler: |_, _| Ok(Action::GetVmConfig),
-    },
-    Route {
-        method: "GET",
-        path: "/machine-config",
-        handler: |_, _| Ok(Action::GetMachineConfig),
-    },
-    Route {
-        method: "PUT",
-        path: "/machine-config",
-        handler: put_machine_config,
-    },
-    Route {
-        method: "PATCH",
-        path: "/machine-config",
-        handler: patch_machine_config,
-    },
-    Route {
-        method: "PUT",
-        path: "/boot-source",
-        handler: put_boot_source,
-    },
-    Route {
-        method: "PUT",
-        path: "/drives/{drive_id}",
-        handler: put_drive,
-    },
-    Route {
-        method: "PATCH",
-        path: "/drives/{drive_id}",
-        handler: patch_drive,
-    },
-    Route {
-        method: "PUT",
-        path: "/network-interfaces/{iface_id}",
-        handler: put_net,
-    },
-    Route {
-        method: "PUT",
-        path: "/logger",
-        handler: put_logger,
-    },
-    Route {
-        method: "PUT",
-        path: "/metrics",
-        handler: put_metrics,
-    },
-    Route {
-        method: "PUT",
-        path: "/actions",
-        handler: put_actions,
-    },
-    Route {
-        method: "PATCH",
-        path: "/vm",
-        handler: patch_vm,
-    },
+    r("GET", "/", |_, _| Ok(Action::GetInstanceInfo)),
+    r("GET", "/version", |_, _| Ok(Action::GetVersion)),
+    r("GET", "/vm/config", |_, _| Ok(Action::GetVmConfig)),
+    r("GET", "/machine-config", |_, _| {
+        Ok(Action::GetMachineConfig)
+    }),
+    r("PUT", "/machine-config", put_machine_config),
+    r("PATCH", "/machine-config", patch_machine_config),
+    r("PUT", "/boot-source", put_boot_source),
+    r("PUT", "/drives/{drive_id}", put_drive),
+    r("PATCH", "/drives/{drive_id}", patch_drive),
+    r("PUT", "/network-interfaces/{iface_id}", put_net),
+    r("PUT", "/logger", put_logger),
+    r("PUT", "/metrics", put_metrics),
+    r("PUT", "/actions", put_actions),
+    r("PATCH", "/vm", patch_vm),
 ];
+
+const fn r(method: &'static str, path: &'static str, handler: Handler) -> Route {
+    Route {
+        method,
+        path,
+        handler,
+    }
+}
 
 /// Firecracker endpoints (by first path segment) for what ember does not implement, and
 /// the feature to name in the refusal. Not routes: they are absent from the OpenAPI spec.
