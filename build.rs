@@ -9,6 +9,9 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+#[path = "build_support/seccomp.rs"]
+mod seccomp;
+
 const GUEST_DIR: &str = "tests/guest";
 const GUEST_SOURCES: &[&str] = &[
     "start.S",
@@ -63,6 +66,7 @@ const FORBIDDEN_MNEMONICS: &[&str] = &[
 ];
 
 fn main() -> ExitCode {
+    seccomp::compile_seccomp_filters();
     match build_guest() {
         Ok(image) => {
             println!("cargo:rustc-env=EMBER_TEST_GUEST={}", image.display());

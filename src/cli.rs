@@ -21,6 +21,20 @@ Options:
   --http-api-max-payload-size N     largest accepted API body in bytes (default 51200)
   --version                         print the version and exit
   --help                            print this help and exit
+
+Jail (see src/jail/mod.rs; as Firecracker's jailer where they overlap):
+  --jail                            confine ember: namespaces, pivot_root, cgroups, rlimits, uid/gid
+  --uid UID, --gid GID              the user and group ember drops to (required with --jail)
+  --chroot-base-dir DIR             jails are built in DIR/ember/ID/root (default /srv/ember)
+  --netns PATH                      join this network namespace (e.g. /var/run/netns/NAME)
+  --new-pid-ns                      run the VMM as PID 1 of a new PID namespace
+  --cgroup-version 1|2              cgroup version for --cgroup (default 1)
+  --cgroup FILE=VALUE               write VALUE to the instance cgroup's FILE (repeatable)
+  --parent-cgroup NAME              parent of the instance cgroup (default ember)
+  --resource-limit fsize=N|no-file=N  set RLIMIT_FSIZE / RLIMIT_NOFILE (repeatable; no-file default 2048)
+  --daemonize                       return once the VMM is jailed; its stdio goes to /dev/null
+  --no-seccomp                      do not install seccomp filters
+  --seccomp-filter FILE             seccomp policy (seccompiler JSON) instead of the built-in one
 ";
 
 #[derive(Debug, Default, Clone)]
@@ -38,7 +52,25 @@ pub struct Args {
     pub max_payload: Option<usize>,
     pub version: bool,
     pub help: bool,
+    // Jail and seccomp (src/jail, src/seccomp.rs): stored as given, validated by
+    // jail::JailArgs::from_cli and seccomp::SeccompConfig::from_flags.
+    pub jail: bool,
+    pub uid: Option<String>,
+    pub gid: Option<String>,
+    pub chroot_base_dir: Option<PathBuf>,
+    pub netns: Option<PathBuf>,
+    pub new_pid_ns: bool,
+    pub cgroup_version: Option<String>,
+    pub cgroups: Vec<String>,
+    pub parent_cgroup: Option<String>,
+    pub resource_limits: Vec<String>,
+    pub daemonize: bool,
+    pub no_seccomp: bool,
+    pub seccomp_filter: Option<PathBuf>,
 }
+
+/// Flags that may be given more than once.
+const REPEATABLE: [&str; 2] = ["--cgroup", "--resource-limit"];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ArgError {
@@ -72,7 +104,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, ArgError> 
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
-        if !seen.insert(flag.clone()) {
+        if !seen.insert(flag.clone()) && !REPEATABLE.contains(&flag.as_str()) {
             return Err(ArgError::Duplicate(flag));
         }
         let value = |it: &mut I::IntoIter| -> Result<String, ArgError> {
@@ -124,6 +156,20 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, ArgError> 
             }
             "--version" | "-V" => switch(&mut a.version)?,
             "--help" | "-h" => switch(&mut a.help)?,
+            // Jail and seccomp.
+            "--jail" => switch(&mut a.jail)?,
+            "--uid" => a.uid = Some(value(&mut it)?),
+            "--gid" => a.gid = Some(value(&mut it)?),
+            "--chroot-base-dir" => a.chroot_base_dir = Some(value(&mut it)?.into()),
+            "--netns" => a.netns = Some(value(&mut it)?.into()),
+            "--new-pid-ns" => switch(&mut a.new_pid_ns)?,
+            "--cgroup-version" => a.cgroup_version = Some(value(&mut it)?),
+            "--cgroup" => a.cgroups.push(value(&mut it)?),
+            "--parent-cgroup" => a.parent_cgroup = Some(value(&mut it)?),
+            "--resource-limit" => a.resource_limits.push(value(&mut it)?),
+            "--daemonize" => switch(&mut a.daemonize)?,
+            "--no-seccomp" => switch(&mut a.no_seccomp)?,
+            "--seccomp-filter" => a.seccomp_filter = Some(value(&mut it)?.into()),
             _ => return Err(ArgError::Unknown(arg)),
         }
     }

@@ -40,6 +40,9 @@ pub struct Controller {
     state: State,
     exit: Arc<ExitSignal>,
     boot_timer: bool,
+    /// Files a jail imported, as (path inside the jail, path the user gave): GET
+    /// /vm/config reports paths as the user gave them.
+    pub path_aliases: Vec<(String, String)>,
 }
 
 fn json(v: serde_json::Value) -> ActionResult {
@@ -64,6 +67,7 @@ impl Controller {
             state: State::NotStarted,
             exit,
             boot_timer,
+            path_aliases: Vec::new(),
         }
     }
 
@@ -73,6 +77,24 @@ impl Controller {
             vmm.flush();
         }
         crate::vmm::restore_terminal();
+    }
+
+    /// The configuration with jail-imported paths shown as the user gave them.
+    fn reported_config(&self) -> VmConfig {
+        let mut c = self.config.clone();
+        let unalias = |p: &mut String| {
+            if let Some((_, host)) = self.path_aliases.iter().find(|(j, _)| j == p) {
+                p.clone_from(host);
+            }
+        };
+        unalias(&mut c.boot_source.kernel_image_path);
+        if let Some(p) = c.boot_source.initrd_path.as_mut() {
+            unalias(p);
+        }
+        for d in &mut c.drives {
+            unalias(&mut d.path_on_host);
+        }
+        c
     }
 
     pub fn state(&self) -> State {
@@ -104,6 +126,10 @@ impl Controller {
         let built = builder::build(&self.config, &opts, self.exit.clone())?;
         crate::vmm::stdin_raw_mode();
         let vmm = Vmm::start(built, event_loop).map_err(builder::BuildError::Io)?;
+        // Every other thread is running with its own filter: the VMM thread's comes last,
+        // as filters are inherited by threads started later.
+        crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)
+            .map_err(|e| builder::BuildError::Io(std::io::Error::other(e.to_string())))?;
         self.vmm = Some(vmm);
         self.state = State::Running;
         Ok(())
@@ -123,7 +149,7 @@ impl Controller {
             Action::GetMachineConfig => Ok(ActionOk::Json(
                 serde_json::to_string(&self.config.machine_config).map_err(bad)?,
             )),
-            Action::GetVmConfig => Ok(ActionOk::Json(self.config.to_json())),
+            Action::GetVmConfig => Ok(ActionOk::Json(self.reported_config().to_json())),
             Action::PutBootSource(b) => {
                 self.pre_boot()?;
                 b.validate().map_err(bad)?;

@@ -6,7 +6,7 @@ use ember::action::Action;
 use ember::controller::Controller;
 use ember::vcpu::{ExitSignal, VmExit};
 use ember::vmm::{EventLoop, ProcessControl, Subscriber};
-use ember::{action, api, cli, config, exit_code, logger, metrics, vmm};
+use ember::{action, api, cli, config, exit_code, jail, logger, metrics, seccomp, vmm};
 
 /// Firecracker's default is /run/firecracker.socket.
 const DEFAULT_API_SOCK: &str = "/run/ember.socket";
@@ -44,6 +44,8 @@ fn log_to_file() -> bool {
 }
 
 fn main() {
+    // Before ember opens anything: what it inherited (closed when it enters a jail).
+    let inherited_fds = jail::open_fds();
     metrics::start();
     std::panic::set_hook(Box::new(|info| {
         vmm::restore_terminal();
@@ -138,6 +140,49 @@ fn main() {
             format!("cannot block signals: {e}"),
         );
     }
+    // Seccomp policy and jail: after the configuration is read (host paths), before any
+    // thread starts (the jail forks; signals are blocked first so the supervisor can
+    // forward them).
+    let seccomp_config =
+        seccomp::SeccompConfig::from_flags(args.no_seccomp, args.seccomp_filter.as_deref())
+            .and_then(|c| seccomp::init(&c).map(|()| c));
+    if let Err(e) = seccomp_config {
+        fail(e.exit_code(), e);
+    }
+    let jail_args = match jail::JailArgs::from_cli(&args) {
+        Ok(j) => j,
+        Err(e) => fail(e.exit_code(), e),
+    };
+    // Host paths the jail imported, as (path inside the jail, path the user gave).
+    let mut path_aliases = Vec::new();
+    let mut file_config = file_config;
+    let jail_guard = jail_args.map(|j| {
+        let mut jail = match jail::Jail::prepare(&j) {
+            Ok(jail) => jail,
+            Err(e) => fail(e.exit_code(), e),
+        };
+        if let Some(c) = file_config.as_mut() {
+            let mut import = |p: &mut String| match jail.import(std::path::Path::new(p)) {
+                Ok(in_jail) => {
+                    let in_jail = in_jail.to_string_lossy().into_owned();
+                    path_aliases.push((in_jail.clone(), p.clone()));
+                    *p = in_jail;
+                }
+                Err(e) => fail(e.exit_code(), e),
+            };
+            import(&mut c.boot_source.kernel_image_path);
+            if let Some(p) = c.boot_source.initrd_path.as_mut() {
+                import(p);
+            }
+            for d in &mut c.drives {
+                import(&mut d.path_on_host);
+            }
+        }
+        match jail.enter(&jail::opened_since(&inherited_fds)) {
+            Ok(g) => g,
+            Err(e) => fail(e.exit_code(), e),
+        }
+    });
     let exit = match ExitSignal::new() {
         Ok(e) => Arc::new(e),
         Err(e) => fail(
@@ -169,6 +214,7 @@ fn main() {
         exit.clone(),
         args.boot_timer,
     );
+    controller.path_aliases = path_aliases;
     // The API thread, unless --no-api: it only parses and forwards actions to this thread.
     let api = if args.no_api {
         None
@@ -237,5 +283,8 @@ fn main() {
     }
     log::info!("{}", metrics::timeline_summary());
     let _ = metrics::flush();
+    if let Some(g) = jail_guard {
+        g.cleanup();
+    }
     std::process::exit(why.exit_code());
 }

@@ -289,6 +289,11 @@ pub struct Vcpu {
 impl Vcpu {
     /// The thread body. Returns only when the VM stops.
     pub fn run(mut self) {
+        // Before the first KVM_RUN: guest-driven exits are this thread's input.
+        if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+            self.exit.stop(VmExit::VmmError(e.to_string()));
+            return;
+        }
         // SAFETY: pthread_self is always safe to call.
         let me = unsafe { libc::pthread_self() };
         *self

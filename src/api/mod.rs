@@ -127,6 +127,12 @@ struct Server {
 
 impl Server {
     fn run(mut self) {
+        if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Api) {
+            // Without its filter the API thread must not serve: no API rather than an
+            // unconfined one.
+            log::error!("{e}");
+            return;
+        }
         let mut fds: Vec<libc::pollfd> = Vec::new();
         let mut accept_backoff = false;
         loop {
