@@ -228,3 +228,41 @@ fn missing_disk_is_a_configuration_error() {
     assert!(o.stderr.contains("/nonexistent/disk.img"), "{o:#?}");
     assert!(!o.stderr.contains("panicked"), "{o:#?}");
 }
+
+/// Nothing acknowledged is lost: once the guest saw its write complete, a SIGTERM or SIGINT
+/// (here while the guest keeps running) leaves the data in the host file.
+#[test]
+fn acknowledged_writes_survive_sigterm_and_sigint() {
+    for (sig, cache) in [(libc::SIGTERM, "Unsafe"), (libc::SIGINT, "Writeback")] {
+        let dir = TempDir::new("durable");
+        let img = dir.path("disk.img");
+        let mut image = make_image(&img, 64, 7);
+        let cfg = dir.path("vm.json");
+        std::fs::write(
+            &cfg,
+            guest_config(
+                "console=ttyS0 ember_test=blk,counter",
+                1,
+                128,
+                &format!(
+                    r#""drives": [{}]"#,
+                    drive_json("data0", &img, false, false, cache)
+                ),
+            ),
+        )
+        .unwrap();
+        let mut child = spawn(&["--no-api", "--config-file", cfg.to_str().unwrap()]);
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        // The write completed in the guest's eyes once it read the pattern back.
+        assert!(read_until(&mut out, T, |l| l == "blk: readback ok").is_some());
+        assert!(read_until(&mut out, T, |l| l.starts_with("tick")).is_some());
+        send_signal(&child, sig);
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(128 + sig));
+        image[SECTOR..2 * SECTOR].copy_from_slice(&guest_pattern());
+        assert!(
+            std::fs::read(&img).unwrap() == image,
+            "host file differs after signal {sig}"
+        );
+    }
+}
