@@ -325,6 +325,12 @@ impl Vcpu {
                 ExitAction::Continue => {}
                 ExitAction::Interrupted => {
                     self.fd.get_kvm_run().immediate_exit = 0;
+                    if log::log_enabled!(log::Level::Debug)
+                        && let Ok(regs) = self.fd.get_regs()
+                    {
+                        // Where a pause caught the guest: a cheap way to see a stuck guest.
+                        log::debug!("vcpu {} interrupted at guest RIP {:#x}", self.index, regs.rip);
+                    }
                     self.control.wait_if_paused();
                 }
                 ExitAction::Stop(mut why) => {
