@@ -263,12 +263,13 @@ fn main() {
                 let started = std::time::Instant::now();
                 let result = controller.handle(req.action, &mut event_loop);
                 metrics::record_api_request(started.elapsed().as_micros() as u64, result.is_ok());
-                let _ = req.reply.send(result);
+                action::answer(&req.reply, result);
             }
         }
         metrics::flush_if_due();
     };
     if let Some((path, _)) = &api {
+        action::wait_for_delivery(std::time::Duration::from_millis(100));
         api::remove_socket(path);
     }
     controller.shutdown();

@@ -684,3 +684,32 @@ fn patch_drive_swaps_the_backing_file_after_start() {
     let (_, cfg) = curl(s, "GET", "/vm/config", None);
     assert!(cfg.contains(b.to_str().unwrap()), "{cfg}");
 }
+
+/// A guest that ends at once (here: a triple fault right after hello) still lets the
+/// client that started it see its 204 before ember exits.
+#[test]
+fn instance_start_is_answered_even_when_the_guest_ends_at_once() {
+    for _ in 0..5 {
+        let e = Ember::start(&[]);
+        assert_eq!(
+            curl(
+                &e.sock,
+                "PUT",
+                "/boot-source",
+                Some(&boot_source("ember_test=triplefault"))
+            )
+            .0,
+            204
+        );
+        assert_eq!(
+            curl(
+                &e.sock,
+                "PUT",
+                "/actions",
+                Some(r#"{"action_type": "InstanceStart"}"#)
+            )
+            .0,
+            204
+        );
+    }
+}

@@ -375,9 +375,15 @@ impl Conn {
                     self.inbuf.drain(..len.min(self.inbuf.len()));
                     self.need = 0;
                     self.continue_sent = false;
-                    let (status, body) = handle(&request, sender);
+                    let (status, body, answered_by_vmm) = handle(&request, sender);
                     let close = !request.keep_alive;
                     http::write_response(&mut self.out, status, body.as_deref(), close);
+                    // Out now rather than at the next poll: the VMM may be about to exit
+                    // (a guest that reset at once) and waits only for this.
+                    self.flush();
+                    if answered_by_vmm {
+                        crate::action::answer_delivered();
+                    }
                     if close {
                         self.phase = Phase::Closing { drain: false };
                     }
@@ -471,7 +477,8 @@ fn send_no_sigpipe(stream: &UnixStream, buf: &[u8]) -> std::io::Result<usize> {
 }
 
 /// One request to one response: (status, JSON body).
-fn handle(request: &http::Request, sender: &ActionSender) -> (u16, Option<String>) {
+/// Answers one request; the flag says whether the VMM thread answered it.
+fn handle(request: &http::Request, sender: &ActionSender) -> (u16, Option<String>, bool) {
     log::info!(
         "The API server received a {} request on {}.",
         request.method,
@@ -480,9 +487,12 @@ fn handle(request: &http::Request, sender: &ActionSender) -> (u16, Option<String
     if !request.body.is_empty() {
         log::debug!("Request body: {}", String::from_utf8_lossy(&request.body));
     }
-    let result = routes::route(&request.method, &request.path, &request.body)
-        .and_then(|action| sender.call(action));
-    match result {
+    let mut via_vmm = false;
+    let result = routes::route(&request.method, &request.path, &request.body).and_then(|action| {
+        via_vmm = true;
+        sender.call(action)
+    });
+    let (status, body) = match result {
         Ok(ActionOk::NoContent) => (204, None),
         Ok(ActionOk::Json(body)) => (200, Some(body)),
         Err(e) => {
@@ -501,7 +511,8 @@ fn handle(request: &http::Request, sender: &ActionSender) -> (u16, Option<String
             };
             (status, Some(http::fault_body(&e.message)))
         }
-    }
+    };
+    (status, body, via_vmm)
 }
 
 #[cfg(test)]
