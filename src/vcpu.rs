@@ -329,7 +329,11 @@ impl Vcpu {
                         && let Ok(regs) = self.fd.get_regs()
                     {
                         // Where a pause caught the guest: a cheap way to see a stuck guest.
-                        log::debug!("vcpu {} interrupted at guest RIP {:#x}", self.index, regs.rip);
+                        log::debug!(
+                            "vcpu {} interrupted at guest RIP {:#x}",
+                            self.index,
+                            regs.rip
+                        );
                     }
                     self.control.wait_if_paused();
                 }

@@ -7,6 +7,8 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
+pub mod tap;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -17,6 +19,7 @@ use kvm_ioctls::VmFd;
 use virtio_queue::Queue;
 
 use crate::config::drive::DriveConfig;
+use crate::config::net::NetworkInterfaceConfig;
 use crate::devices::bus::Bus;
 use crate::vm::irq::{Ioapic, IrqLine};
 use crate::vm::layout::{
@@ -26,6 +29,7 @@ use crate::vm::memory::GuestMemory;
 
 pub use block::Block;
 pub use mmio::MmioTransport;
+pub use net::Net;
 
 /// InterruptStatus bit: the device used a buffer.
 pub const VIRTIO_MMIO_INT_VRING: u32 = 1;
@@ -57,6 +61,10 @@ pub enum VirtioError {
         addr: u64,
         source: kvm_ioctls::Error,
     },
+    #[error("network interface `{id}`: {source}")]
+    Tap { id: String, source: tap::TapError },
+    #[error("cannot create an epoll instance for a network interface: {0}")]
+    Epoll(std::io::Error),
     #[error(transparent)]
     Bus(#[from] crate::devices::bus::OverlapError),
 }
@@ -261,6 +269,50 @@ pub fn create_block_devices(
     }
     cmdline.extend(root);
     Ok(BlockDevices { cmdline, devices })
+}
+
+/// The network devices of a VM, ready to be put on the event loop.
+pub struct NetDevices {
+    /// Kernel command-line additions: one `virtio_mmio.device=` per interface.
+    pub cmdline: Vec<String>,
+    /// `(iface_id, transport)` in config order.
+    pub devices: Vec<(String, Arc<Mutex<MmioTransport>>)>,
+}
+
+/// Creates one virtio-net device per network interface, in config order, in consecutive
+/// virtio-mmio slots from `*next_slot` (after the drives). Each opens its TAP now, so a
+/// TAP that cannot be used fails the build before the guest runs.
+pub fn create_net_devices(
+    ifaces: &[NetworkInterfaceConfig],
+    vm: &VmFd,
+    ioapic: &Ioapic,
+    mem: &GuestMemory,
+    mmio: &mut Bus,
+    next_slot: &mut u32,
+) -> Result<NetDevices, VirtioError> {
+    let mut cmdline = Vec::with_capacity(ifaces.len());
+    let mut devices = Vec::with_capacity(ifaces.len());
+    for iface in ifaces {
+        let metrics = Arc::new(net::NetMetrics::default());
+        let dev = Net::from_config(iface, metrics.clone())?;
+        let mac = dev.mac();
+        let (transport, entry) =
+            attach_mmio_device(Box::new(dev), vm, ioapic, mem, mmio, next_slot)?;
+        metrics.register(&iface.iface_id);
+        log::info!(
+            "network interface `{}`: virtio-net on TAP `{}`, guest MAC {mac}{}, {entry}",
+            iface.iface_id,
+            iface.host_dev_name,
+            if iface.guest_mac.is_none() {
+                " (generated)"
+            } else {
+                ""
+            }
+        );
+        cmdline.push(entry);
+        devices.push((iface.iface_id.clone(), transport));
+    }
+    Ok(NetDevices { cmdline, devices })
 }
 
 /// `root=` and `rw`/`ro` for the root drive at `position` among the block devices. Linux
