@@ -44,6 +44,23 @@ impl Ember {
     }
 }
 
+impl Ember {
+    /// A request that must succeed with 204.
+    fn ok(&self, method: &str, path: &str, body: &str) {
+        let (status, resp) = curl(&self.sock, method, path, Some(body));
+        assert_eq!(status, 204, "{method} {path}: {resp}");
+    }
+
+    /// PUT /actions with this action type, which must succeed.
+    fn action(&self, action_type: &str) {
+        self.ok(
+            "PUT",
+            "/actions",
+            &format!(r#"{{"action_type": "{action_type}"}}"#),
+        );
+    }
+}
+
 impl Drop for Ember {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -131,19 +148,11 @@ fn full_boot_through_the_api_with_curl() {
     let (s, b) = curl(&e.sock, "GET", "/", None);
     assert_eq!(s, 200);
     assert!(b.contains("\"state\":\"Not started\""), "{b}");
-    assert_eq!(
-        curl(&e.sock, "PUT", "/boot-source", Some(&boot_source(""))).0,
-        204
-    );
-    assert_eq!(
-        curl(
-            &e.sock,
-            "PUT",
-            "/machine-config",
-            Some(r#"{"vcpu_count": 2, "mem_size_mib": 64}"#)
-        )
-        .0,
-        204
+    e.ok("PUT", "/boot-source", &boot_source(""));
+    e.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 64}"#,
     );
     let (s, b) = curl(&e.sock, "GET", "/machine-config", None);
     assert_eq!(s, 200);
@@ -152,16 +161,7 @@ fn full_boot_through_the_api_with_curl() {
     assert_eq!(s, 200);
     assert!(b.contains("\"boot-source\"") && b.contains(GUEST), "{b}");
     let mut out = e.stdout();
-    assert_eq!(
-        curl(
-            &e.sock,
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "InstanceStart"}"#)
-        )
-        .0,
-        204
-    );
+    e.action("InstanceStart");
     assert!(read_until(&mut out, T, |l| l == "mptable: cpus=2").is_some());
     assert!(read_until(&mut out, T, |l| l == "ember-test-guest: done").is_some());
     // The guest reset: ember exits 0 and removes its socket.
@@ -236,38 +236,11 @@ fn pause_stops_guest_progress_and_resume_restarts_it() {
 #[test]
 fn send_ctrl_alt_del_reaches_the_guest() {
     let mut e = Ember::start(&[]);
-    assert_eq!(
-        curl(
-            &e.sock,
-            "PUT",
-            "/boot-source",
-            Some(&boot_source("ember_test=counter"))
-        )
-        .0,
-        204
-    );
+    e.ok("PUT", "/boot-source", &boot_source("ember_test=counter"));
     let mut out = e.stdout();
-    assert_eq!(
-        curl(
-            &e.sock,
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "InstanceStart"}"#)
-        )
-        .0,
-        204
-    );
+    e.action("InstanceStart");
     assert!(read_until(&mut out, T, |l| l.starts_with("tick")).is_some());
-    assert_eq!(
-        curl(
-            &e.sock,
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "SendCtrlAltDel"}"#)
-        )
-        .0,
-        204
-    );
+    e.action("SendCtrlAltDel");
     assert!(read_until(&mut out, T, |l| l == "ctrl-alt-del: received").is_some());
     let status = e.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
@@ -493,10 +466,7 @@ fn config_file_with_api_stays_up_to_inspect_and_pause() {
     let (s, b) = curl(&e.sock, "GET", "/", None);
     assert_eq!(s, 200);
     assert!(b.contains("\"Running\""), "{b}");
-    assert_eq!(
-        curl(&e.sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0,
-        204
-    );
+    e.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     let (_, b) = curl(&e.sock, "GET", "/", None);
     assert!(b.contains("\"Paused\""), "{b}");
     // SIGTERM while paused stops cleanly and removes the socket.
@@ -546,48 +516,20 @@ fn metrics_and_boot_timer() {
     let dir = TempDir::new("metrics");
     let metrics = dir.path("metrics.json");
     let mut e = Ember::start(&["--boot-timer"]);
-    assert_eq!(
-        curl(
-            &e.sock,
-            "PUT",
-            "/metrics",
-            Some(&format!(r#"{{"metrics_path": "{}"}}"#, metrics.display()))
-        )
-        .0,
-        204
+    e.ok(
+        "PUT",
+        "/metrics",
+        &format!(r#"{{"metrics_path": "{}"}}"#, metrics.display()),
     );
-    assert_eq!(
-        curl(
-            &e.sock,
-            "PUT",
-            "/boot-source",
-            Some(&boot_source("ember_test=boottimer,counter"))
-        )
-        .0,
-        204
+    e.ok(
+        "PUT",
+        "/boot-source",
+        &boot_source("ember_test=boottimer,counter"),
     );
     let mut out = e.stdout();
-    assert_eq!(
-        curl(
-            &e.sock,
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "InstanceStart"}"#)
-        )
-        .0,
-        204
-    );
+    e.action("InstanceStart");
     assert!(read_until(&mut out, T, |l| l.starts_with("tick")).is_some());
-    assert_eq!(
-        curl(
-            &e.sock,
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "FlushMetrics"}"#)
-        )
-        .0,
-        204
-    );
+    e.action("FlushMetrics");
     let text = std::fs::read_to_string(&metrics).unwrap();
     let last = text.lines().last().unwrap();
     let v: serde_json::Value = serde_json::from_str(last).unwrap();
@@ -691,25 +633,11 @@ fn patch_drive_swaps_the_backing_file_after_start() {
 fn instance_start_is_answered_even_when_the_guest_ends_at_once() {
     for _ in 0..5 {
         let e = Ember::start(&[]);
-        assert_eq!(
-            curl(
-                &e.sock,
-                "PUT",
-                "/boot-source",
-                Some(&boot_source("ember_test=triplefault"))
-            )
-            .0,
-            204
+        e.ok(
+            "PUT",
+            "/boot-source",
+            &boot_source("ember_test=triplefault"),
         );
-        assert_eq!(
-            curl(
-                &e.sock,
-                "PUT",
-                "/actions",
-                Some(r#"{"action_type": "InstanceStart"}"#)
-            )
-            .0,
-            204
-        );
+        e.action("InstanceStart");
     }
 }
