@@ -20,7 +20,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestMemory as _, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory as _, Permissions};
 
 use super::{ActivateError, VirtioDevice, VirtioError, VirtioInterrupt};
 use crate::config::drive::{CacheType, DriveConfig};
@@ -331,10 +331,15 @@ impl Disk {
         }
     }
 
-    fn read(&mut self, mem: &GuestMemory, sector: u64, data: &[Descriptor]) -> Outcome {
-        let Some((mut offset, total)) = self.check_data(mem, sector, data, true) else {
-            return IOERR;
-        };
+    /// Moves the bytes of `data` between guest memory and the file from `offset` on,
+    /// through the bounce buffer: `step(file, buf, guest_addr, file_offset)` moves one
+    /// chunk. False if any chunk failed.
+    fn transfer(
+        &mut self,
+        data: &[Descriptor],
+        mut offset: u64,
+        step: impl Fn(&File, &mut [u8], GuestAddress, u64) -> bool,
+    ) -> bool {
         self.chunk_buf();
         for d in data {
             let mut done = 0usize;
@@ -342,17 +347,30 @@ impl Disk {
             while done < len {
                 let n = (len - done).min(CHUNK);
                 let buf = self.buf.get_mut(..n).unwrap_or_default();
-                let ok = self.file.read_exact_at(buf, offset).is_ok()
-                    && d.addr()
-                        .checked_add(done as u64)
-                        .is_some_and(|a| mem.write_slice(buf, a).is_ok());
+                let ok = d
+                    .addr()
+                    .checked_add(done as u64)
+                    .is_some_and(|a| step(&self.file, buf, a, offset));
                 if !ok {
-                    log::warn!("virtio-blk `{}`: read at byte {offset} failed", self.id);
-                    return IOERR;
+                    return false;
                 }
                 done += n;
                 offset += n as u64;
             }
+        }
+        true
+    }
+
+    fn read(&mut self, mem: &GuestMemory, sector: u64, data: &[Descriptor]) -> Outcome {
+        let Some((offset, total)) = self.check_data(mem, sector, data, true) else {
+            return IOERR;
+        };
+        let ok = self.transfer(data, offset, |file, buf, addr, at| {
+            file.read_exact_at(buf, at).is_ok() && mem.write_slice(buf, addr).is_ok()
+        });
+        if !ok {
+            log::warn!("virtio-blk `{}`: read at byte {offset} failed", self.id);
+            return IOERR;
         }
         Outcome {
             status: VIRTIO_BLK_S_OK as u8,
@@ -368,28 +386,15 @@ impl Disk {
             );
             return IOERR;
         }
-        let Some((mut offset, _)) = self.check_data(mem, sector, data, false) else {
+        let Some((offset, _)) = self.check_data(mem, sector, data, false) else {
             return IOERR;
         };
-        self.chunk_buf();
-        for d in data {
-            let mut done = 0usize;
-            let len = d.len() as usize;
-            while done < len {
-                let n = (len - done).min(CHUNK);
-                let buf = self.buf.get_mut(..n).unwrap_or_default();
-                let ok = d
-                    .addr()
-                    .checked_add(done as u64)
-                    .is_some_and(|a| mem.read_slice(buf, a).is_ok())
-                    && self.file.write_all_at(buf, offset).is_ok();
-                if !ok {
-                    log::warn!("virtio-blk `{}`: write at byte {offset} failed", self.id);
-                    return IOERR;
-                }
-                done += n;
-                offset += n as u64;
-            }
+        let ok = self.transfer(data, offset, |file, buf, addr, at| {
+            mem.read_slice(buf, addr).is_ok() && file.write_all_at(buf, at).is_ok()
+        });
+        if !ok {
+            log::warn!("virtio-blk `{}`: write at byte {offset} failed", self.id);
+            return IOERR;
         }
         Outcome::status(VIRTIO_BLK_S_OK)
     }
