@@ -161,7 +161,7 @@ pub fn build(
     let ioapic = Arc::new(Mutex::new(irq::Ioapic::new(vm.clone())?));
     mmio.insert(IOAPIC_START, IOAPIC_SIZE, ioapic.clone())?;
     let (serial_irq, kbd_irq) = {
-        let io = ioapic.lock().unwrap_or_else(|p| p.into_inner());
+        let mut io = ioapic.lock().unwrap_or_else(|p| p.into_inner());
         (io.line(SERIAL_IRQ)?, io.line(I8042_IRQ)?)
     };
     let serial_input_space = EventFd::new(EFD_NONBLOCK)?;
@@ -193,11 +193,11 @@ pub fn build(
     // virtio devices: drives first, in config order (vda, vdb, ...).
     let mut next_virtio_slot = 0;
     let block = {
-        let io = ioapic.lock().unwrap_or_else(|p| p.into_inner());
+        let mut io = ioapic.lock().unwrap_or_else(|p| p.into_inner());
         crate::devices::virtio::create_block_devices(
             &config.drives,
             &vm,
-            &io,
+            &mut io,
             &mem,
             &mut mmio,
             &mut next_virtio_slot,
@@ -206,11 +206,11 @@ pub fn build(
 
     // Then network interfaces, in config order (eth0, eth1, ...).
     let net = {
-        let io = ioapic.lock().unwrap_or_else(|p| p.into_inner());
+        let mut io = ioapic.lock().unwrap_or_else(|p| p.into_inner());
         crate::devices::virtio::create_net_devices(
             &config.network_interfaces,
             &vm,
-            &io,
+            &mut io,
             &mem,
             &mut mmio,
             &mut next_virtio_slot,

@@ -29,6 +29,8 @@ pub enum IrqError {
     EventFd(std::io::Error),
     #[error("KVM refused irqfd for GSI {1}: {0}")]
     Irqfd(kvm_ioctls::Error, u32),
+    #[error("the IOAPIC has no pin {0}")]
+    NoSuchPin(u32),
 }
 
 /// Enables the split irqchip: LAPICs in KVM, `IOAPIC_NUM_PINS` routes reserved for ember's IOAPIC.
@@ -87,34 +89,40 @@ pub struct Ioapic {
     ioregsel: u32,
     id: u32,
     redirection: [u64; IOAPIC_NUM_PINS as usize],
-    lines: Vec<IrqLine>,
+    /// Pins wired to a device, each with its irqfd. Only those get one: every irqfd
+    /// costs an SRCU grace period when the VM is torn down.
+    lines: Vec<Option<IrqLine>>,
 }
 
 impl Ioapic {
-    /// Creates the IOAPIC and one irqfd per pin (GSI n = pin n), all masked as at reset.
+    /// Creates the IOAPIC with every pin masked, as at reset.
     pub fn new(vm: Arc<VmFd>) -> Result<Ioapic, IrqError> {
-        let mut lines = Vec::with_capacity(IOAPIC_NUM_PINS as usize);
-        for gsi in 0..IOAPIC_NUM_PINS {
-            let evt = EventFd::new(EFD_NONBLOCK).map_err(IrqError::EventFd)?;
-            vm.register_irqfd(&evt, gsi)
-                .map_err(|e| IrqError::Irqfd(e, gsi))?;
-            lines.push(IrqLine(evt));
-        }
         Ok(Ioapic {
             vm,
             ioregsel: 0,
             id: 0,
             redirection: [RTE_MASKED; IOAPIC_NUM_PINS as usize],
-            lines,
+            lines: (0..IOAPIC_NUM_PINS).map(|_| None).collect(),
         })
     }
 
-    /// A handle on pin `pin`'s line, for the device wired to it.
-    pub fn line(&self, pin: u32) -> std::io::Result<IrqLine> {
-        self.lines
-            .get(pin as usize)
-            .ok_or_else(|| std::io::Error::other(format!("no IOAPIC pin {pin}")))?
+    /// A handle on pin `pin`'s line (an irqfd on GSI `pin`), for the device wired to it.
+    pub fn line(&mut self, pin: u32) -> Result<IrqLine, IrqError> {
+        let slot = self
+            .lines
+            .get_mut(pin as usize)
+            .ok_or(IrqError::NoSuchPin(pin))?;
+        if slot.is_none() {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(IrqError::EventFd)?;
+            self.vm
+                .register_irqfd(&evt, pin)
+                .map_err(|e| IrqError::Irqfd(e, pin))?;
+            *slot = Some(IrqLine(evt));
+        }
+        slot.as_ref()
+            .ok_or(IrqError::NoSuchPin(pin))?
             .try_clone()
+            .map_err(IrqError::EventFd)
     }
 
     fn read_reg(&self) -> u32 {

@@ -55,7 +55,10 @@ pub enum VirtioError {
     #[error("cannot create a virtio eventfd: {0}")]
     EventFd(std::io::Error),
     #[error("cannot get IOAPIC pin {pin} for a virtio device: {source}")]
-    IrqLine { pin: u32, source: std::io::Error },
+    IrqLine {
+        pin: u32,
+        source: crate::vm::irq::IrqError,
+    },
     #[error("KVM refused the queue-notify ioeventfd at {addr:#x}: {source}")]
     IoEvent {
         addr: u64,
@@ -196,7 +199,7 @@ pub fn slot_resources(slot: u32) -> Result<(u64, u32), VirtioError> {
 pub fn attach_mmio_device(
     device: Box<dyn VirtioDevice>,
     vm: &VmFd,
-    ioapic: &Ioapic,
+    ioapic: &mut Ioapic,
     mem: &GuestMemory,
     mmio: &mut Bus,
     next_slot: &mut u32,
@@ -248,7 +251,7 @@ pub fn flush_all(devices: &[Arc<Mutex<MmioTransport>>]) {
 pub fn create_block_devices(
     drives: &[DriveConfig],
     vm: &VmFd,
-    ioapic: &Ioapic,
+    ioapic: &mut Ioapic,
     mem: &GuestMemory,
     mmio: &mut Bus,
     next_slot: &mut u32,
@@ -285,7 +288,7 @@ pub struct NetDevices {
 pub fn create_net_devices(
     ifaces: &[NetworkInterfaceConfig],
     vm: &VmFd,
-    ioapic: &Ioapic,
+    ioapic: &mut Ioapic,
     mem: &GuestMemory,
     mmio: &mut Bus,
     next_slot: &mut u32,
