@@ -79,7 +79,8 @@ pub struct NetworkInterfaceConfig {
     pub iface_id: String,
     /// Name of an existing host TAP device.
     pub host_dev_name: String,
-    /// Absent: the device offers no MAC and the guest picks a random one (Firecracker).
+    /// Absent: ember generates a locally administered MAC for the device (Firecracker
+    /// offers none and leaves the guest to pick a random one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<MacAddr>,
     #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
