@@ -108,12 +108,25 @@ fn read_write_flush_and_id_on_a_writeback_drive() {
     let dir = TempDir::new("blk-rw");
     let img = dir.path("disk.img");
     let image = make_image(&img, 64, 0x1234_5678);
+    let metrics = dir.path("metrics.json");
     let o = run_config(
         &blk_config(&[drive_json("data0", &img, false, false, "Writeback")]),
-        &[],
+        &["--metrics-path", metrics.to_str().unwrap()],
         T,
     );
     o.assert_ok();
+    // Per-drive counters in the metrics written at exit.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let m: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let b = &m["block_data0"];
+    assert!(b["read_count"].as_u64().unwrap() >= 3, "{m}");
+    assert!(
+        b["read_bytes"].as_u64().unwrap() >= 3 * SECTOR as u64,
+        "{m}"
+    );
+    assert_eq!(b["write_count"].as_u64(), Some(1), "{m}");
+    assert_eq!(b["write_bytes"].as_u64(), Some(SECTOR as u64), "{m}");
+    assert_eq!(b["flush_count"].as_u64(), Some(1), "{m}");
     assert!(
         o.stdout.contains("virtio_mmio.device=4K@0xd0001000:5"),
         "{o:#?}"

@@ -10,6 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
@@ -50,6 +51,56 @@ pub struct Disk {
     /// Size in 512-byte sectors (a partial last sector is not exposed).
     capacity: u64,
     buf: Vec<u8>,
+    metrics: Arc<BlockMetrics>,
+}
+
+/// Per-drive counters, in the metrics output as `block_<drive_id>` (Firecracker's name).
+#[derive(Default)]
+pub struct BlockMetrics {
+    pub read_count: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_count: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub flush_count: AtomicU64,
+    /// Requests that completed with IOERR or UNSUPP (malformed, out of range, refused).
+    pub failed_requests: AtomicU64,
+}
+
+impl BlockMetrics {
+    fn json(&self) -> serde_json::Value {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "read_count": g(&self.read_count),
+            "read_bytes": g(&self.read_bytes),
+            "write_count": g(&self.write_count),
+            "write_bytes": g(&self.write_bytes),
+            "flush_count": g(&self.flush_count),
+            "failed_requests": g(&self.failed_requests),
+        })
+    }
+
+    /// Counts one finished request of `req_type` that moved `bytes`.
+    fn record(&self, req_type: u32, status: u8, bytes: u64) {
+        let add = |c: &AtomicU64, n: u64| {
+            c.fetch_add(n, Ordering::Relaxed);
+        };
+        if u32::from(status) != VIRTIO_BLK_S_OK {
+            add(&self.failed_requests, 1);
+            return;
+        }
+        match req_type {
+            VIRTIO_BLK_T_IN => {
+                add(&self.read_count, 1);
+                add(&self.read_bytes, bytes);
+            }
+            VIRTIO_BLK_T_OUT => {
+                add(&self.write_count, 1);
+                add(&self.write_bytes, bytes);
+            }
+            VIRTIO_BLK_T_FLUSH => add(&self.flush_count, 1),
+            _ => {}
+        }
+    }
 }
 
 /// What one request did: its status, and how many bytes the device wrote into the chain.
@@ -144,6 +195,7 @@ impl Disk {
             cache_type,
             capacity,
             buf: Vec::new(),
+            metrics: Arc::default(),
         }
     }
 
@@ -264,7 +316,7 @@ impl Disk {
         let sector_bytes = rest.get(4..12).unwrap_or_default();
         let req_type = u32::from_le_bytes(type_bytes.try_into().unwrap_or_default());
         let sector = u64::from_le_bytes(sector_bytes.try_into().unwrap_or_default());
-        match req_type {
+        let outcome = match req_type {
             VIRTIO_BLK_T_IN => self.read(mem, sector, data),
             VIRTIO_BLK_T_OUT => self.write(mem, sector, data),
             VIRTIO_BLK_T_FLUSH => self.flush_request(),
@@ -273,7 +325,10 @@ impl Disk {
                 log::debug!("virtio-blk `{}`: unsupported request type {other}", self.id);
                 Outcome::status(VIRTIO_BLK_S_UNSUPP)
             }
-        }
+        };
+        let bytes = data.iter().map(|d| u64::from(d.len())).sum();
+        self.metrics.record(req_type, outcome.status, bytes);
+        outcome
     }
 
     /// Checks the data segments of a read or write: direction, guest addresses, a whole
@@ -457,7 +512,11 @@ pub struct Block {
 
 impl Block {
     pub fn new(drive: &DriveConfig) -> Result<Block, VirtioError> {
-        Ok(Block::from_disk(Disk::open(drive)?))
+        let disk = Disk::open(drive)?;
+        let metrics = disk.metrics.clone();
+        let key = format!("block_{}", drive.drive_id);
+        crate::metrics::register_section(Box::new(move || (key.clone(), metrics.json())));
+        Ok(Block::from_disk(disk))
     }
 
     pub fn from_disk(disk: Disk) -> Block {
