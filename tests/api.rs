@@ -350,26 +350,8 @@ fn every_error_case_answers_fault_message() {
     let big = format!("{{\"kernel_image_path\": \"{}\"}}", "a".repeat(60_000));
     assert_eq!(curl(s, "PUT", "/boot-source", Some(&big)).0, 413);
     // Wrong state: pre-boot-only resources after InstanceStart.
-    assert_eq!(
-        curl(
-            s,
-            "PUT",
-            "/boot-source",
-            Some(&boot_source("ember_test=counter"))
-        )
-        .0,
-        204
-    );
-    assert_eq!(
-        curl(
-            s,
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "InstanceStart"}"#)
-        )
-        .0,
-        204
-    );
+    e.ok("PUT", "/boot-source", &boot_source("ember_test=counter"));
+    e.action("InstanceStart");
     assert_fault(
         curl(s, "PUT", "/boot-source", Some(&boot_source(""))),
         400,
@@ -567,39 +549,21 @@ fn patch_drive_swaps_the_backing_file_after_start() {
             p.display()
         )
     };
-    assert_eq!(curl(s, "PUT", "/drives/data", Some(&drive)).0, 204);
+    e.ok("PUT", "/drives/data", &drive);
     // PATCH is for a running VM only, as in Firecracker.
     assert_fault(
         curl(s, "PATCH", "/drives/data", Some(&patch(&b))),
         400,
         "before starting",
     );
-    assert_eq!(
-        curl(
-            s,
-            "PUT",
-            "/boot-source",
-            Some(&boot_source("ember_test=counter"))
-        )
-        .0,
-        204
-    );
-    assert_eq!(
-        curl(
-            s,
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "InstanceStart"}"#)
-        )
-        .0,
-        204
-    );
+    e.ok("PUT", "/boot-source", &boot_source("ember_test=counter"));
+    e.action("InstanceStart");
     assert_fault(
         curl(s, "PUT", "/drives/data", Some(&drive)),
         400,
         "after starting",
     );
-    assert_eq!(curl(s, "PATCH", "/drives/data", Some(&patch(&b))).0, 204);
+    e.ok("PATCH", "/drives/data", &patch(&b));
     let (_, cfg) = curl(s, "GET", "/vm/config", None);
     assert!(cfg.contains(b.to_str().unwrap()), "{cfg}");
     assert_fault(
