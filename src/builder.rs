@@ -2,16 +2,15 @@
 //! file and the API go through.
 
 use std::fs::File;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::config::VmConfig;
-use crate::devices::bus::Bus;
-use crate::devices::i8042::I8042;
-use crate::devices::serial::{ConsoleOut, SerialDevice};
+use crate::devices::manager::{DeviceError, DeviceManager};
+use crate::devices::virtio::VirtioError;
 use crate::exit_code;
 use crate::metrics::{METRICS, timeline_mark};
 use crate::vcpu::{ExitSignal, Vcpu, VcpuControl};
@@ -49,13 +48,11 @@ pub enum BuildError {
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
     #[error(transparent)]
-    Irq(#[from] irq::IrqError),
+    Irqchip(#[from] irq::SplitIrqchipError),
     #[error("cannot create an eventfd or thread: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
-    Bus(#[from] crate::devices::bus::OverlapError),
-    #[error(transparent)]
-    Virtio(#[from] crate::devices::virtio::VirtioError),
+    Devices(#[from] DeviceError),
 }
 
 impl BuildError {
@@ -66,10 +63,12 @@ impl BuildError {
             BuildError::OpenFile { .. }
             | BuildError::Kernel { .. }
             | BuildError::Boot(_)
-            | BuildError::Virtio(crate::devices::virtio::VirtioError::OpenDisk { .. })
-            | BuildError::Virtio(crate::devices::virtio::VirtioError::DiskSize { .. })
-            | BuildError::Virtio(crate::devices::virtio::VirtioError::TooManyDevices { .. })
-            | BuildError::Virtio(crate::devices::virtio::VirtioError::Tap { .. })
+            | BuildError::Devices(DeviceError::Virtio(
+                VirtioError::OpenDisk { .. }
+                | VirtioError::DiskSize { .. }
+                | VirtioError::TooManyDevices { .. }
+                | VirtioError::Tap { .. },
+            ))
             | BuildError::Memory(memory::MemoryError::TooLarge(_))
             | BuildError::Memory(memory::MemoryError::Mmap { .. }) => exit_code::BAD_CONFIGURATION,
             _ => exit_code::GENERIC_ERROR,
@@ -93,18 +92,10 @@ fn open(what: &'static str, path: &str) -> Result<File, BuildError> {
 pub struct BuiltVm {
     pub vm: Arc<VmFd>,
     pub mem: memory::GuestMemory,
-    pub pio: Arc<Bus>,
-    pub mmio: Arc<Bus>,
+    pub devices: DeviceManager,
     pub exit: Arc<ExitSignal>,
+    /// Written by the i8042 when the guest asks for a reset.
     pub reset_evt: EventFd,
-    pub serial: Arc<Mutex<SerialDevice>>,
-    pub serial_input_space: EventFd,
-    pub i8042: Arc<Mutex<I8042>>,
-    pub ioapic: Arc<Mutex<irq::Ioapic>>,
-    /// virtio-mmio transports (block devices), in slot order.
-    pub virtio: Vec<Arc<Mutex<crate::devices::virtio::MmioTransport>>>,
-    /// The block devices by drive_id, for PATCH /drives.
-    pub drives: Vec<(String, Arc<Mutex<crate::devices::virtio::MmioTransport>>)>,
     pub vcpus: Vec<Vcpu>,
     pub controls: Vec<Arc<VcpuControl>>,
     pub cmdline: String,
@@ -120,107 +111,110 @@ pub struct BuildOptions {
     pub boot_timer: bool,
 }
 
-/// Builds the VM described by `config` (already validated).
+/// Builds the VM described by `config` (already validated), phase by phase.
 pub fn build(
     config: &VmConfig,
     opts: &BuildOptions,
     exit: Arc<ExitSignal>,
 ) -> Result<BuiltVm, BuildError> {
+    let mut files = open_boot_files(config)?;
+    let (kvm, vm) = create_vm()?;
     let mc = &config.machine_config;
-    let vcpu_count = mc.vcpu_count;
+    let mem = memory::create(&vm, mc.mem_size_mib as u64, mc.track_dirty_pages)?;
+    let (kernel, initrd) = load_kernel(config, &mem, &mut files)?;
+    let reset_evt = EventFd::new(EFD_NONBLOCK)?;
+    let devices = create_devices(config, opts, &vm, &mem, &reset_evt)?;
+    let pvm = crate::vm::is_pvm_host();
+    let cmdline = write_boot_data(config, &mem, &kernel, initrd, &devices, pvm)?;
+    let (vcpus, controls) = create_vcpus(&kvm, &vm, mc.vcpu_count, &kernel, &devices, &exit, pvm)?;
+    timeline_mark(&METRICS.t_vm_built_us);
+    log::info!("kernel command line: {cmdline}");
+    Ok(BuiltVm {
+        vm,
+        mem,
+        devices,
+        exit,
+        reset_evt,
+        vcpus,
+        controls,
+        cmdline,
+    })
+}
 
-    // Files first: a typo in a path should fail before any KVM work.
-    let mut kernel_file = open("kernel image", &config.boot_source.kernel_image_path)?;
-    let mut initrd_file = match &config.boot_source.initrd_path {
+/// The files a boot reads from the host.
+struct BootFiles {
+    kernel: File,
+    initrd: Option<File>,
+}
+
+/// Phase 1: opens the kernel and initrd first, so a typo in a path fails before any KVM
+/// work.
+fn open_boot_files(config: &VmConfig) -> Result<BootFiles, BuildError> {
+    let kernel = open("kernel image", &config.boot_source.kernel_image_path)?;
+    let initrd = match &config.boot_source.initrd_path {
         Some(p) => Some(open("initrd", p)?),
         None => None,
     };
+    Ok(BootFiles { kernel, initrd })
+}
 
+/// Phase 2: the KVM VM, with a split irqchip (see vm/irq.rs).
+fn create_vm() -> Result<(Kvm, Arc<VmFd>), BuildError> {
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
     let vm = Arc::new(kvm.create_vm().map_err(BuildError::CreateVm)?);
     irq::create_split_irqchip(&vm)?;
     // Intel VMX needs three pages for the real-mode TSS; see layout.rs.
     vm.set_tss_address(TSS_ADDRESS as usize)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    Ok((kvm, vm))
+}
 
-    let mem = memory::create(&vm, mc.mem_size_mib as u64, mc.track_dirty_pages)?;
-
+/// Phase 3 (after guest memory): the kernel and initrd in guest memory.
+fn load_kernel(
+    config: &VmConfig,
+    mem: &memory::GuestMemory,
+    files: &mut BootFiles,
+) -> Result<(boot::LoadedKernel, Option<(u64, u64)>), BuildError> {
     let kernel =
-        boot::load_kernel(&mem, &mut kernel_file).map_err(|source| BuildError::Kernel {
+        boot::load_kernel(mem, &mut files.kernel).map_err(|source| BuildError::Kernel {
             path: config.boot_source.kernel_image_path.clone(),
             source,
         })?;
-    let initrd = match initrd_file.as_mut() {
-        Some(f) => Some(boot::load_initrd(&mem, f, &kernel)?),
+    let initrd = match files.initrd.as_mut() {
+        Some(f) => Some(boot::load_initrd(mem, f, &kernel)?),
         None => None,
     };
+    Ok((kernel, initrd))
+}
 
-    // Devices.
-    let mut pio = Bus::new();
-    let mut mmio = Bus::new();
-    let ioapic = Arc::new(Mutex::new(irq::Ioapic::new(vm.clone())?));
-    mmio.insert(IOAPIC_START, IOAPIC_SIZE, ioapic.clone())?;
-    let (serial_irq, kbd_irq) = {
-        let mut io = ioapic.lock().unwrap_or_else(|p| p.into_inner());
-        (io.line(SERIAL_IRQ)?, io.line(I8042_IRQ)?)
-    };
-    let serial_input_space = EventFd::new(EFD_NONBLOCK)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        serial_irq,
-        ConsoleOut::stdout(),
-        serial_input_space.try_clone()?,
-    )));
-    pio.insert(
-        u64::from(SERIAL_PORT_BASE),
-        u64::from(SERIAL_PORT_SIZE),
-        serial.clone(),
-    )?;
-    if opts.boot_timer {
-        mmio.insert(
-            BOOT_TIMER_START,
-            BOOT_TIMER_SIZE,
-            Arc::new(Mutex::new(crate::devices::boot_timer::BootTimer)),
-        )?;
-    }
-    let reset_evt = EventFd::new(EFD_NONBLOCK)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(reset_evt.try_clone()?, kbd_irq)));
-    pio.insert(
-        u64::from(I8042_PORT_BASE),
-        u64::from(I8042_PORT_SIZE),
-        i8042.clone(),
-    )?;
+/// Phase 4: every device, on its bus with its IRQ: legacy devices, then drives in config
+/// order (vda, vdb, ...), then network interfaces in config order (eth0, eth1, ...).
+fn create_devices(
+    config: &VmConfig,
+    opts: &BuildOptions,
+    vm: &Arc<VmFd>,
+    mem: &memory::GuestMemory,
+    reset_evt: &EventFd,
+) -> Result<DeviceManager, BuildError> {
+    let mut devices = DeviceManager::new(vm.clone(), mem.clone())?;
+    devices.add_legacy_devices(reset_evt, opts.boot_timer)?;
+    devices.add_drives(&config.drives)?;
+    devices.add_network_interfaces(&config.network_interfaces)?;
+    Ok(devices)
+}
 
-    // virtio devices: drives first, in config order (vda, vdb, ...).
-    let mut next_virtio_slot = 0;
-    let block = {
-        let mut io = ioapic.lock().unwrap_or_else(|p| p.into_inner());
-        crate::devices::virtio::create_block_devices(
-            &config.drives,
-            &vm,
-            &mut io,
-            &mem,
-            &mut mmio,
-            &mut next_virtio_slot,
-        )?
-    };
-
-    // Then network interfaces, in config order (eth0, eth1, ...).
-    let net = {
-        let mut io = ioapic.lock().unwrap_or_else(|p| p.into_inner());
-        crate::devices::virtio::create_net_devices(
-            &config.network_interfaces,
-            &vm,
-            &mut io,
-            &mem,
-            &mut mmio,
-            &mut next_virtio_slot,
-        )?
-    };
-
-    // Command line: ember's additions, then boot params.
-    let mut additions = block.cmdline.clone();
-    additions.extend(net.cmdline.iter().cloned());
-    let pvm = crate::vm::is_pvm_host();
+/// Phase 5: what the kernel reads at boot: the command line (the user's, then the
+/// devices' entries and the PVM workarounds), boot_params, the MP table and the page
+/// tables and GDT of the 64-bit entry. Returns the command line.
+fn write_boot_data(
+    config: &VmConfig,
+    mem: &memory::GuestMemory,
+    kernel: &boot::LoadedKernel,
+    initrd: Option<(u64, u64)>,
+    devices: &DeviceManager,
+    pvm: bool,
+) -> Result<String, BuildError> {
+    let mut additions = devices.cmdline_entries();
     if pvm {
         // PVM runs guest kernel code without CPUID faulting on some hosts, so the CPUID
         // masks alone may not reach the guest: the boot arguments make Linux avoid the
@@ -233,17 +227,28 @@ pub fn build(
         );
     }
     let cmdline = boot::build_cmdline(config.boot_source.boot_args.as_deref(), &additions)?;
-    boot::write_boot_params(&mem, &kernel, &cmdline, initrd)?;
-    mptable::setup(&mem, vcpu_count)?;
-    regs::write_boot_tables(&mem)?;
+    boot::write_boot_params(mem, kernel, &cmdline, initrd)?;
+    mptable::setup(mem, config.machine_config.vcpu_count)?;
+    regs::write_boot_tables(mem)?;
+    Ok(cmdline)
+}
 
-    // vCPUs.
+/// Phase 6: the vCPUs, each with its CPUID and registers; the boot CPU at the kernel's
+/// entry. They share the device manager's buses; no device can be added after this.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    vcpu_count: u8,
+    kernel: &boot::LoadedKernel,
+    devices: &DeviceManager,
+    exit: &Arc<ExitSignal>,
+    pvm: bool,
+) -> Result<(Vec<Vcpu>, Vec<Arc<VcpuControl>>), BuildError> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
-    let pio = Arc::new(pio);
-    let mmio = Arc::new(mmio);
+    let (pio, mmio) = devices.buses();
     let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
     let mut controls = Vec::with_capacity(usize::from(vcpu_count));
     for index in 0..vcpu_count {
@@ -278,35 +283,7 @@ pub fn build(
             control,
         });
     }
-    timeline_mark(&METRICS.t_vm_built_us);
-    log::info!("kernel command line: {cmdline}");
-
-    Ok(BuiltVm {
-        vm,
-        mem,
-        pio,
-        mmio,
-        exit,
-        reset_evt,
-        serial,
-        serial_input_space,
-        i8042,
-        ioapic,
-        drives: config
-            .drives
-            .iter()
-            .map(|d| d.drive_id.clone())
-            .zip(block.devices.iter().cloned())
-            .collect(),
-        virtio: block
-            .devices
-            .into_iter()
-            .chain(net.devices.into_iter().map(|(_, t)| t))
-            .collect(),
-        vcpus,
-        controls,
-        cmdline,
-    })
+    Ok((vcpus, controls))
 }
 
 /// Logs the APIC ID KVM holds and the IDs the vCPU's CPUID reports, so a test can check

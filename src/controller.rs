@@ -76,7 +76,7 @@ impl Controller {
         if let Some(vmm) = &self.vmm {
             vmm.flush();
         }
-        crate::vmm::restore_terminal();
+        crate::devices::serial::restore_terminal();
     }
 
     /// The configuration with jail-imported paths shown as the user gave them.
@@ -124,7 +124,7 @@ impl Controller {
             boot_timer: self.boot_timer,
         };
         let built = builder::build(&self.config, &opts, self.exit.clone())?;
-        crate::vmm::stdin_raw_mode();
+        crate::devices::serial::stdin_raw_mode();
         let vmm = Vmm::start(built, event_loop).map_err(builder::BuildError::Io)?;
         // Every other thread is running with its own filter: the VMM thread's comes last,
         // as filters are inherited by threads started later.
@@ -184,7 +184,7 @@ impl Controller {
                 let mut drives = self.config.drives.clone();
                 u.apply(&mut drives).map_err(bad)?;
                 if let Some(path) = &u.path_on_host {
-                    vmm.update_drive(&u.drive_id, path).map_err(bad)?;
+                    vmm.devices.update_drive(&u.drive_id, path).map_err(bad)?;
                 }
                 self.config.drives = drives;
                 Ok(ActionOk::NoContent)
@@ -221,12 +221,7 @@ impl Controller {
             }
             Action::SendCtrlAltDel => {
                 let vmm = self.running()?;
-                let sent = vmm
-                    .i8042
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .send_ctrl_alt_del();
-                if sent {
+                if vmm.devices.send_ctrl_alt_del() {
                     Ok(ActionOk::NoContent)
                 } else {
                     Err(ActionError::bad_request(

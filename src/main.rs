@@ -30,7 +30,7 @@ impl event_manager::MutEventSubscriber for ApiWake {
 use event_manager::SubscriberOps;
 
 fn fail(code: i32, msg: impl std::fmt::Display) -> ! {
-    vmm::restore_terminal();
+    ember::devices::serial::restore_terminal();
     log::error!("{msg}");
     // Also on stderr when the log goes elsewhere or is off, so a user always sees why.
     if !log::log_enabled!(log::Level::Error) || log_to_file() {
@@ -48,7 +48,7 @@ fn main() {
     let inherited_fds = jail::open_fds();
     metrics::start();
     std::panic::set_hook(Box::new(|info| {
-        vmm::restore_terminal();
+        ember::devices::serial::restore_terminal();
         eprintln!("ember: internal error: {info}");
         std::process::exit(exit_code::UNEXPECTED_ERROR);
     }));

@@ -8,7 +8,7 @@ use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::BusDevice;
-use crate::vm::irq::IrqLine;
+use crate::devices::ioapic::IrqLine;
 
 /// Trigger for vm-superio's reset event.
 pub struct ResetTrigger(pub EventFd);
@@ -185,7 +185,7 @@ mod tests {
     fn dev() -> (I8042, EventFd) {
         let reset = EventFd::new(EFD_NONBLOCK).unwrap();
         let irq_evt = EventFd::new(EFD_NONBLOCK).unwrap();
-        let irq = crate::vm::irq::IrqLine::from_eventfd(irq_evt);
+        let irq = crate::devices::ioapic::IrqLine::from_eventfd(irq_evt);
         (I8042::new(reset.try_clone().unwrap(), irq), reset)
     }
 

@@ -3,5 +3,7 @@
 pub mod boot_timer;
 pub mod bus;
 pub mod i8042;
+pub mod ioapic;
+pub mod manager;
 pub mod serial;
 pub mod virtio;

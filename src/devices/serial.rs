@@ -1,20 +1,26 @@
-//! The 8250 UART at 0x3f8 (vm-superio), its console output and input.
+//! The 8250 UART at 0x3f8 (vm-superio), its console output and input, and the terminal.
 //!
 //! Output never stalls a vCPU: when nobody reads stdout (a full pipe, a stopped
-//! terminal), bytes are dropped and counted instead of blocking the vCPU thread.
+//! terminal), bytes are dropped and counted instead of blocking the vCPU thread. Input
+//! comes from stdin through the VMM thread's event loop ([`ConsoleInput`]); a terminal
+//! stdin is put in raw mode while the guest runs and restored on every exit path.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use vm_superio::Serial;
 use vm_superio::serial::SerialEvents;
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::terminal::Terminal;
 
 use super::bus::BusDevice;
+use super::ioapic::IrqLine;
 use crate::metrics::METRICS;
-use crate::vm::irq::IrqLine;
 
 /// Counters and wake-ups the UART reports.
 pub struct ConsoleEvents {
@@ -198,5 +204,152 @@ impl BusDevice for SerialDevice {
         // Output errors are counted through ConsoleEvents::tx_lost_byte; the guest never
         // waits on them.
         let _ = self.uart.write(off, *value);
+    }
+}
+
+/// Event-loop tokens of [`ConsoleInput`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+enum InputToken {
+    Stdin = 1,
+    InputSpace = 2,
+}
+
+impl InputToken {
+    fn from_u32(v: u32) -> Option<InputToken> {
+        [InputToken::Stdin, InputToken::InputSpace]
+            .into_iter()
+            .find(|t| *t as u32 == v)
+    }
+}
+
+/// Console input: moves bytes from stdin to the UART's receive FIFO on the VMM thread's
+/// event loop, and stops watching stdin while the FIFO is full (the UART's `input_space`
+/// eventfd says when the guest has drained it).
+pub struct ConsoleInput {
+    serial: Arc<Mutex<SerialDevice>>,
+    input_space: EventFd,
+    stdin_open: bool,
+    stdin_waiting: bool,
+}
+
+impl ConsoleInput {
+    /// `input_space` is the eventfd given to [`SerialDevice::new`].
+    pub fn new(serial: Arc<Mutex<SerialDevice>>, input_space: EventFd) -> ConsoleInput {
+        ConsoleInput {
+            serial,
+            input_space,
+            stdin_open: true,
+            stdin_waiting: false,
+        }
+    }
+
+    fn stdin_events() -> Events {
+        Events::with_data(&io::stdin(), InputToken::Stdin as u32, EventSet::IN)
+    }
+
+    /// Moves console input from stdin to the UART, as much as its FIFO takes.
+    fn pump_stdin(&mut self, ops: &mut EventOps) {
+        let room = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .input_room();
+        if room == 0 {
+            // Stop watching stdin until the guest drains the FIFO (input_space).
+            let _ = ops.remove(Self::stdin_events());
+            self.stdin_waiting = true;
+            return;
+        }
+        let mut buf = [0u8; 64];
+        let want = room.min(buf.len());
+        let n = match io::stdin().lock().read_raw(&mut buf[..want]) {
+            Ok(0) => {
+                self.close_stdin(ops);
+                return;
+            }
+            Ok(n) => n,
+            Err(e) if e.errno() == libc::EAGAIN => return,
+            Err(_) => {
+                self.close_stdin(ops);
+                return;
+            }
+        };
+        METRICS
+            .serial_in_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .enqueue_input(buf.get(..n).unwrap_or_default());
+    }
+
+    /// EOF or error: stdin leaves the event loop; the VM goes on.
+    fn close_stdin(&mut self, ops: &mut EventOps) {
+        let _ = ops.remove(Self::stdin_events());
+        self.stdin_open = false;
+        log::debug!("stdin closed: console input stops");
+    }
+}
+
+impl MutEventSubscriber for ConsoleInput {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match InputToken::from_u32(events.data()) {
+            Some(InputToken::Stdin) => {
+                if events
+                    .event_set()
+                    .intersects(EventSet::HANG_UP | EventSet::ERROR)
+                    && !events.event_set().contains(EventSet::IN)
+                {
+                    let _ = ops.remove(events);
+                    self.stdin_open = false;
+                    return;
+                }
+                self.pump_stdin(ops);
+            }
+            Some(InputToken::InputSpace) => {
+                let _ = self.input_space.read();
+                if self.stdin_open && self.stdin_waiting {
+                    self.stdin_waiting = false;
+                    let _ = ops.add(Self::stdin_events());
+                }
+            }
+            None => log::warn!("unexpected console event token {}", events.data()),
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let space = Events::with_data(
+            &self.input_space,
+            InputToken::InputSpace as u32,
+            EventSet::IN,
+        );
+        if let Err(err) = ops.add(space) {
+            log::error!("cannot watch the console's input space: {err}");
+        }
+        // Regular files and /dev/null cannot be polled (EPERM): no console input then.
+        if self.stdin_open && ops.add(Self::stdin_events()).is_err() {
+            self.stdin_open = false;
+        }
+    }
+}
+
+/// Whether stdin is a terminal that [`stdin_raw_mode`] made raw (and so must be restored).
+static TERMINAL_RAW: AtomicBool = AtomicBool::new(false);
+
+/// Puts a terminal stdin in raw mode (so Ctrl-C etc. reach the guest's console). Does
+/// nothing when stdin is not a terminal.
+pub fn stdin_raw_mode() {
+    let stdin = io::stdin();
+    if stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok() {
+        TERMINAL_RAW.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Gives the terminal back its canonical mode, if [`stdin_raw_mode`] changed it. Safe to
+/// call on every exit path, any number of times.
+pub fn restore_terminal() {
+    if TERMINAL_RAW.swap(false, Ordering::SeqCst) {
+        let _ = io::stdin().lock().set_canon_mode();
     }
 }

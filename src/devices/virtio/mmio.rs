@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{VirtioDevice, VirtioError, VirtioInterrupt};
 use crate::devices::bus::BusDevice;
-use crate::vm::irq::IrqLine;
+use crate::devices::ioapic::IrqLine;
 use crate::vm::memory::GuestMemory;
 
 /// "virt" in little endian.

@@ -695,7 +695,7 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
-    use crate::vm::irq::IrqLine;
+    use crate::devices::ioapic::IrqLine;
 
     const MEM_SIZE: u64 = 0x40_0000;
     const QSIZE: u16 = 16;
