@@ -1,13 +1,18 @@
-//! Builds the freestanding test guest (`tests/guest`) with gcc.
+//! Compiles the seccomp policies, and builds the freestanding test guest (`tests/guest`)
+//! with gcc.
 //!
 //! The guest cannot be written in Rust here: the only installed target's core library
 //! uses SSE, which the PVM test hosts cannot run in the guest. Tests and tools find the
-//! image through `env!("EMBER_TEST_GUEST")`. Keep the flags in step with
+//! image through `option_env!("EMBER_TEST_GUEST")`. Keep the flags in step with
 //! `tests/guest/Makefile`.
+//!
+//! ember itself needs no C toolchain: when the guest cannot be built (no gcc, or gcc
+//! fails), the build goes on with a warning, EMBER_TEST_GUEST stays unset and
+//! EMBER_TEST_GUEST_ERROR says why, so the tests that boot the guest fail with that reason.
 
 use std::env;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::Command;
 
 #[path = "build_support/seccomp.rs"]
 mod seccomp;
@@ -65,16 +70,16 @@ const FORBIDDEN_MNEMONICS: &[&str] = &[
     "int1", "fwait", "wait", "ud2",
 ];
 
-fn main() -> ExitCode {
+fn main() {
     seccomp::compile_seccomp_filters();
     match build_guest() {
-        Ok(image) => {
-            println!("cargo:rustc-env=EMBER_TEST_GUEST={}", image.display());
-            ExitCode::SUCCESS
-        }
+        Ok(image) => println!("cargo:rustc-env=EMBER_TEST_GUEST={}", image.display()),
         Err(msg) => {
-            eprintln!("error: building the test guest ({GUEST_DIR}) failed: {msg}");
-            ExitCode::FAILURE
+            for line in msg.lines() {
+                println!("cargo:warning=test guest ({GUEST_DIR}) not built: {line}");
+            }
+            let first = msg.lines().next().unwrap_or("unknown error");
+            println!("cargo:rustc-env=EMBER_TEST_GUEST_ERROR={first}");
         }
     }
 }

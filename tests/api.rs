@@ -139,7 +139,8 @@ impl Client {
 }
 
 fn boot_source(args: &str) -> String {
-    format!(r#"{{"kernel_image_path": "{GUEST}", "boot_args": "console=ttyS0 {args}"}}"#)
+    let guest = guest();
+    format!(r#"{{"kernel_image_path": "{guest}", "boot_args": "console=ttyS0 {args}"}}"#)
 }
 
 #[test]
@@ -159,7 +160,7 @@ fn full_boot_through_the_api_with_curl() {
     assert!(b.contains("\"vcpu_count\":2"), "{b}");
     let (s, b) = curl(&e.sock, "GET", "/vm/config", None);
     assert_eq!(s, 200);
-    assert!(b.contains("\"boot-source\"") && b.contains(GUEST), "{b}");
+    assert!(b.contains("\"boot-source\"") && b.contains(guest()), "{b}");
     let mut out = e.stdout();
     e.action("InstanceStart");
     assert!(read_until(&mut out, T, |l| l == "mptable: cpus=2").is_some());

@@ -95,7 +95,8 @@ fn four_gib_puts_ram_on_both_sides_of_the_gap() {
 
 #[test]
 fn default_boot_args_are_documented_ones() {
-    let cfg = format!(r#"{{"boot-source": {{"kernel_image_path": "{GUEST}"}}}}"#);
+    let guest = guest();
+    let cfg = format!(r#"{{"boot-source": {{"kernel_image_path": "{guest}"}}}}"#);
     let o = run_config(&cfg, &[], T);
     o.assert_ok();
     assert!(

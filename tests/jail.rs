@@ -2,6 +2,8 @@
 //! the tests look at it from the host (/proc), then stop it and check the cleanup. These
 //! need root and namespaces, which the test machines have.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -10,7 +12,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const EMBER: &str = env!("CARGO_BIN_EXE_ember");
-const GUEST: &str = env!("EMBER_TEST_GUEST");
 const UID: u32 = 12345;
 const GID: u32 = 23456;
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -55,8 +56,9 @@ fn listing(dir: &Path) -> Vec<PathBuf> {
 
 fn config(dir: &Path, mode: &str) -> PathBuf {
     let path = dir.join("vm.json");
+    let guest = common::guest();
     let json = format!(
-        r#"{{"boot-source":{{"kernel_image_path":"{GUEST}","boot_args":"ember_test={mode}"}},
+        r#"{{"boot-source":{{"kernel_image_path":"{guest}","boot_args":"ember_test={mode}"}},
             "machine-config":{{"vcpu_count":2,"mem_size_mib":64}}}}"#
     );
     std::fs::write(&path, json).unwrap();
@@ -304,7 +306,7 @@ fn jailed_vm_is_confined_and_cleaned_up() {
         "64"
     );
     // The guest file is in the jail, and the VMM reads it there.
-    let name = Path::new(GUEST).file_name().unwrap();
+    let name = Path::new(common::guest()).file_name().unwrap();
     assert!(jail_dir.join("root").join(name).exists());
 
     ember.signal(libc::SIGTERM);

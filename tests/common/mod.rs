@@ -8,7 +8,18 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const EMBER: &str = env!("CARGO_BIN_EXE_ember");
-pub const GUEST: &str = env!("EMBER_TEST_GUEST");
+
+/// The test guest image, built by build.rs. A build without a C compiler has none: the
+/// tests that boot it then fail here, saying why.
+pub fn guest() -> &'static str {
+    match option_env!("EMBER_TEST_GUEST") {
+        Some(path) => path,
+        None => panic!(
+            "the test guest (tests/guest) was not built: {}. Install gcc (or set EMBER_GUEST_CC) and rebuild; the build's warnings say more",
+            option_env!("EMBER_TEST_GUEST_ERROR").unwrap_or("no reason recorded")
+        ),
+    }
+}
 
 /// A scratch directory removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -59,8 +70,9 @@ pub fn guest_config(boot_args: &str, vcpus: u32, mem_mib: u64, extra: &str) -> S
     } else {
         format!(", {extra}")
     };
+    let guest = guest();
     format!(
-        r#"{{"boot-source": {{"kernel_image_path": "{GUEST}", "boot_args": "{boot_args}"}},
+        r#"{{"boot-source": {{"kernel_image_path": "{guest}", "boot_args": "{boot_args}"}},
             "machine-config": {{"vcpu_count": {vcpus}, "mem_size_mib": {mem_mib}}}{extra}}}"#
     )
 }
