@@ -46,6 +46,16 @@ pub fn set_output(file: std::fs::File) {
     }
 }
 
+/// Whether the log goes to a file (set by `--log-path` or a `logger` configuration), so
+/// that a fatal error must also be shown on stderr.
+pub fn writes_to_file() -> bool {
+    LOGGER
+        .inner
+        .lock()
+        .map(|g| g.out.is_some())
+        .unwrap_or(false)
+}
+
 pub fn configure(level: Option<LevelFilter>, show_level: Option<bool>, show_origin: Option<bool>) {
     if let Some(l) = level {
         log::set_max_level(l);

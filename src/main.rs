@@ -1,46 +1,101 @@
 //! ember's entry point: flags, configuration, then the VMM thread's event loop.
+//!
+//! `main` only reports: `run` does the work and returns either the exit code of a VM that
+//! ran, or a [`StartError`] that knows its own exit code.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ember::action::Action;
 use ember::controller::Controller;
+use ember::devices::serial::restore_terminal;
 use ember::vcpu::{ExitSignal, VmExit};
 use ember::vmm::{EventLoop, ProcessControl, Subscriber};
 use ember::{action, api, cli, config, exit_code, jail, logger, metrics, seccomp, vmm};
+use event_manager::SubscriberOps;
 
 /// Firecracker's default is /run/firecracker.socket.
 const DEFAULT_API_SOCK: &str = "/run/ember.socket";
 /// Metrics are flushed this often when a metrics path is set (Firecracker: 60 s).
 const METRICS_PERIOD_MS: i32 = 60_000;
 
-/// Wakes the event loop when the API thread has sent an action.
-struct ApiWake(Arc<vmm_sys_util::eventfd::EventFd>);
-
-impl event_manager::MutEventSubscriber for ApiWake {
-    fn process(&mut self, _events: event_manager::Events, _ops: &mut event_manager::EventOps) {
-        let _ = self.0.read();
-    }
-    fn init(&mut self, ops: &mut event_manager::EventOps) {
-        let _ = ops.add(event_manager::Events::new(
-            &*self.0,
-            vmm_sys_util::epoll::EventSet::IN,
-        ));
-    }
+/// Why ember could not start (or keep) a VM, with the exit code each reason gets.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("{0}")]
+    Args(#[from] cli::ArgError),
+    #[error("`--level`: unknown level (use Off, Error, Warning, Info, Debug or Trace)")]
+    Level,
+    #[error("cannot open log file {}: {source}", path.display())]
+    LogFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    MetricsPath(std::io::Error),
+    #[error("cannot read config file {}: {source}", path.display())]
+    ReadConfig {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {}: {source}", path.display())]
+    Config {
+        path: PathBuf,
+        source: config::ConfigError,
+    },
+    /// The config file's `logger` or `metrics` section names a file ember cannot open.
+    #[error("{0}")]
+    ConfigOutput(std::io::Error),
+    #[error("cannot block signals: {0}")]
+    BlockSignals(std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
+    #[error("cannot create eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot create event loop: {0}")]
+    EventLoop(String),
+    #[error("cannot watch signals: {0}")]
+    WatchSignals(std::io::Error),
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
+    #[error("cannot start the VM: {0}")]
+    Boot(String),
 }
-use event_manager::SubscriberOps;
 
-fn fail(code: i32, msg: impl std::fmt::Display) -> ! {
-    ember::devices::serial::restore_terminal();
-    log::error!("{msg}");
-    // Also on stderr when the log goes elsewhere or is off, so a user always sees why.
-    if !log::log_enabled!(log::Level::Error) || log_to_file() {
-        eprintln!("ember: {msg}");
+impl StartError {
+    /// The process exit code (see the README's table).
+    fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Args(_)
+            | StartError::Level
+            | StartError::LogFile { .. }
+            | StartError::MetricsPath(_) => exit_code::ARG_PARSING,
+            StartError::ReadConfig { .. }
+            | StartError::Config { .. }
+            | StartError::ConfigOutput(_)
+            | StartError::Boot(_) => exit_code::BAD_CONFIGURATION,
+            StartError::Seccomp(e) => e.exit_code(),
+            StartError::Jail(e) => e.exit_code(),
+            StartError::BlockSignals(_)
+            | StartError::EventFd(_)
+            | StartError::EventLoop(_)
+            | StartError::WatchSignals(_)
+            | StartError::Api(_) => exit_code::GENERIC_ERROR,
+        }
     }
-    std::process::exit(code);
-}
 
-fn log_to_file() -> bool {
-    std::env::args().any(|a| a == "--log-path" || a.starts_with("--log-path="))
+    /// Errors found before the logger has its configuration go to stderr only.
+    fn before_logging(&self) -> bool {
+        matches!(
+            self,
+            StartError::Args(_)
+                | StartError::Level
+                | StartError::LogFile { .. }
+                | StartError::MetricsPath(_)
+        )
+    }
 }
 
 fn main() {
@@ -48,165 +103,76 @@ fn main() {
     let inherited_fds = jail::open_fds();
     metrics::start();
     std::panic::set_hook(Box::new(|info| {
-        ember::devices::serial::restore_terminal();
+        restore_terminal();
         eprintln!("ember: internal error: {info}");
         std::process::exit(exit_code::UNEXPECTED_ERROR);
     }));
-
-    let args = match cli::parse(std::env::args().skip(1)) {
-        Ok(a) => a,
+    let code = match run(&inherited_fds) {
+        Ok(code) => code,
         Err(e) => {
-            eprintln!("ember: {e}");
-            std::process::exit(exit_code::ARG_PARSING);
+            report(&e);
+            e.exit_code()
         }
     };
+    // process::exit runs no destructors: flush what --help or --version printed.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    std::process::exit(code);
+}
+
+/// Tells the user why ember stops: in the log, and on stderr when the log would not
+/// reach them (off, or going to a file).
+fn report(e: &StartError) {
+    restore_terminal();
+    if e.before_logging() {
+        eprintln!("ember: {e}");
+        return;
+    }
+    log::error!("{e}");
+    if !log::log_enabled!(log::Level::Error) || logger::writes_to_file() {
+        eprintln!("ember: {e}");
+    }
+}
+
+/// Runs ember to the end; returns the exit code of the VM's stop.
+fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
+    let args = cli::parse(std::env::args().skip(1))?;
     if args.help {
         print!("{}", cli::USAGE);
-        return;
+        return Ok(exit_code::OK);
     }
     if args.version {
         println!("ember v{}", env!("CARGO_PKG_VERSION"));
-        return;
+        return Ok(exit_code::OK);
     }
-    let level = match args.level.as_deref().map(cli::parse_level) {
-        None => log::LevelFilter::Warn,
-        Some(Some(l)) => l,
-        Some(None) => {
-            eprintln!(
-                "ember: `--level`: unknown level (use Off, Error, Warning, Info, Debug or Trace)"
-            );
-            std::process::exit(exit_code::ARG_PARSING);
-        }
-    };
-    let id = args
-        .id
-        .clone()
-        .unwrap_or_else(|| "anonymous-instance".into());
-    logger::init(&id, level, args.show_level, args.show_log_origin);
-    if let Some(path) = &args.log_path {
-        match std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(path)
-        {
-            Ok(f) => logger::set_output(f),
-            Err(e) => {
-                eprintln!("ember: cannot open log file {}: {e}", path.display());
-                std::process::exit(exit_code::ARG_PARSING);
-            }
-        }
-    }
-    if let Some(path) = &args.metrics_path
-        && let Err(e) = metrics::set_output(&path.to_string_lossy())
-    {
-        eprintln!("ember: {e}");
-        std::process::exit(exit_code::ARG_PARSING);
-    }
-
-    // The configuration file, if any: parsed and validated before anything else happens.
-    let file_config = args.config_file.as_ref().map(|path| {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) => fail(
-                exit_code::BAD_CONFIGURATION,
-                format!("cannot read config file {}: {e}", path.display()),
-            ),
-        };
-        match config::VmConfig::from_json(&text) {
-            Ok(c) => c,
-            Err(e) => fail(
-                exit_code::BAD_CONFIGURATION,
-                format!("invalid config file {}: {e}", path.display()),
-            ),
-        }
-    });
-    if let Some(c) = &file_config {
-        if let Some(l) = &c.logger
-            && let Err(e) = logger::apply_config(l)
-        {
-            fail(exit_code::BAD_CONFIGURATION, e);
-        }
-        if let Some(m) = &c.metrics
-            && let Err(e) = metrics::set_output(&m.metrics_path)
-        {
-            fail(exit_code::BAD_CONFIGURATION, e);
-        }
-    }
+    let id = init_logging(&args)?;
+    let mut file_config = read_config_file(&args)?;
     metrics::timeline_mark(&metrics::METRICS.t_config_ready_us);
 
-    if let Err(e) = vmm::block_stop_signals() {
-        fail(
-            exit_code::GENERIC_ERROR,
-            format!("cannot block signals: {e}"),
-        );
-    }
+    vmm::block_stop_signals().map_err(StartError::BlockSignals)?;
     // Seccomp policy and jail: after the configuration is read (host paths), before any
     // thread starts (the jail forks; signals are blocked first so the supervisor can
     // forward them).
     let seccomp_config =
-        seccomp::SeccompConfig::from_flags(args.no_seccomp, args.seccomp_filter.as_deref())
-            .and_then(|c| seccomp::init(&c).map(|()| c));
-    if let Err(e) = seccomp_config {
-        fail(e.exit_code(), e);
-    }
-    let jail_args = match jail::JailArgs::from_cli(&args) {
-        Ok(j) => j,
-        Err(e) => fail(e.exit_code(), e),
-    };
+        seccomp::SeccompConfig::from_flags(args.no_seccomp, args.seccomp_filter.as_deref())?;
+    seccomp::init(&seccomp_config)?;
     // Host paths the jail imported, as (path inside the jail, path the user gave).
     let mut path_aliases = Vec::new();
-    let mut file_config = file_config;
-    let jail_guard = jail_args.map(|j| {
-        let mut jail = match jail::Jail::prepare(&j) {
-            Ok(jail) => jail,
-            Err(e) => fail(e.exit_code(), e),
-        };
-        if let Some(c) = file_config.as_mut() {
-            let mut import = |p: &mut String| match jail.import(std::path::Path::new(p)) {
-                Ok(in_jail) => {
-                    let in_jail = in_jail.to_string_lossy().into_owned();
-                    path_aliases.push((in_jail.clone(), p.clone()));
-                    *p = in_jail;
-                }
-                Err(e) => fail(e.exit_code(), e),
-            };
-            import(&mut c.boot_source.kernel_image_path);
-            if let Some(p) = c.boot_source.initrd_path.as_mut() {
-                import(p);
-            }
-            for d in &mut c.drives {
-                import(&mut d.path_on_host);
-            }
-        }
-        match jail.enter(&jail::opened_since(&inherited_fds)) {
-            Ok(g) => g,
-            Err(e) => fail(e.exit_code(), e),
-        }
-    });
-    let exit = match ExitSignal::new() {
-        Ok(e) => Arc::new(e),
-        Err(e) => fail(
-            exit_code::GENERIC_ERROR,
-            format!("cannot create eventfd: {e}"),
-        ),
+    let jail_guard = match jail::JailArgs::from_cli(&args)? {
+        Some(j) => Some(enter_jail(
+            &j,
+            file_config.as_mut(),
+            &mut path_aliases,
+            inherited_fds,
+        )?),
+        None => None,
     };
-    let mut event_loop = match EventLoop::new() {
-        Ok(em) => em,
-        Err(e) => fail(
-            exit_code::GENERIC_ERROR,
-            format!("cannot create event loop: {e:?}"),
-        ),
-    };
-    match ProcessControl::new(exit.clone()) {
-        Ok(pc) => {
-            let pc: Subscriber = Arc::new(Mutex::new(pc));
-            event_loop.add_subscriber(pc);
-        }
-        Err(e) => fail(
-            exit_code::GENERIC_ERROR,
-            format!("cannot watch signals: {e}"),
-        ),
-    }
+
+    let exit = Arc::new(ExitSignal::new().map_err(StartError::EventFd)?);
+    let mut event_loop = EventLoop::new().map_err(|e| StartError::EventLoop(format!("{e:?}")))?;
+    let pc: Subscriber = Arc::new(Mutex::new(
+        ProcessControl::new(exit.clone()).map_err(StartError::WatchSignals)?,
+    ));
+    event_loop.add_subscriber(pc);
 
     let mut controller = Controller::new(
         id,
@@ -223,19 +189,11 @@ fn main() {
             .api_sock
             .clone()
             .unwrap_or_else(|| DEFAULT_API_SOCK.into());
-        let (sender, receiver) = match action::channel() {
-            Ok(c) => c,
-            Err(e) => fail(
-                exit_code::GENERIC_ERROR,
-                format!("cannot create eventfd: {e}"),
-            ),
-        };
+        let (sender, receiver) = action::channel().map_err(StartError::EventFd)?;
         let wake: Subscriber = Arc::new(Mutex::new(ApiWake(receiver.wake.clone())));
         event_loop.add_subscriber(wake);
         let max = args.max_payload.unwrap_or(api::DEFAULT_MAX_PAYLOAD);
-        if let Err(e) = api::start(&path, sender, max) {
-            fail(exit_code::GENERIC_ERROR, e);
-        }
+        api::start(&path, sender, max)?;
         Some((path, receiver))
     };
 
@@ -245,10 +203,7 @@ fn main() {
         if let Some((path, _)) = &api {
             api::remove_socket(path);
         }
-        fail(
-            exit_code::BAD_CONFIGURATION,
-            format!("cannot start the VM: {}", e.message),
-        );
+        return Err(StartError::Boot(e.message));
     }
 
     let why = loop {
@@ -287,5 +242,100 @@ fn main() {
     if let Some(g) = jail_guard {
         g.cleanup();
     }
-    std::process::exit(why.exit_code());
+    Ok(why.exit_code())
+}
+
+/// The logger and metrics outputs from the flags; returns the instance id.
+fn init_logging(args: &cli::Args) -> Result<String, StartError> {
+    let level = match args.level.as_deref().map(cli::parse_level) {
+        None => log::LevelFilter::Warn,
+        Some(Some(l)) => l,
+        Some(None) => return Err(StartError::Level),
+    };
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| "anonymous-instance".into());
+    logger::init(&id, level, args.show_level, args.show_log_origin);
+    if let Some(path) = &args.log_path {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|source| StartError::LogFile {
+                path: path.clone(),
+                source,
+            })?;
+        logger::set_output(file);
+    }
+    if let Some(path) = &args.metrics_path {
+        metrics::set_output(&path.to_string_lossy()).map_err(StartError::MetricsPath)?;
+    }
+    Ok(id)
+}
+
+/// The configuration file, if any: parsed and validated before anything else happens,
+/// and its logger and metrics sections applied.
+fn read_config_file(args: &cli::Args) -> Result<Option<config::VmConfig>, StartError> {
+    let Some(path) = &args.config_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| StartError::ReadConfig {
+        path: path.clone(),
+        source,
+    })?;
+    let c = config::VmConfig::from_json(&text).map_err(|source| StartError::Config {
+        path: path.clone(),
+        source,
+    })?;
+    if let Some(l) = &c.logger {
+        logger::apply_config(l).map_err(StartError::ConfigOutput)?;
+    }
+    if let Some(m) = &c.metrics {
+        metrics::set_output(&m.metrics_path).map_err(StartError::ConfigOutput)?;
+    }
+    Ok(Some(c))
+}
+
+/// Builds the jail, imports the configuration's host files into it (rewriting their
+/// paths and remembering the user's in `path_aliases`), and enters it.
+fn enter_jail(
+    args: &jail::JailArgs,
+    file_config: Option<&mut config::VmConfig>,
+    path_aliases: &mut Vec<(String, String)>,
+    inherited_fds: &[i32],
+) -> Result<jail::JailGuard, StartError> {
+    let mut jail = jail::Jail::prepare(args)?;
+    if let Some(c) = file_config {
+        let mut import = |p: &mut String| -> Result<(), StartError> {
+            let in_jail = jail.import(std::path::Path::new(p))?;
+            let in_jail = in_jail.to_string_lossy().into_owned();
+            path_aliases.push((in_jail.clone(), p.clone()));
+            *p = in_jail;
+            Ok(())
+        };
+        import(&mut c.boot_source.kernel_image_path)?;
+        if let Some(p) = c.boot_source.initrd_path.as_mut() {
+            import(p)?;
+        }
+        for d in &mut c.drives {
+            import(&mut d.path_on_host)?;
+        }
+    }
+    Ok(jail.enter(&jail::opened_since(inherited_fds))?)
+}
+
+/// Wakes the event loop when the API thread has sent an action.
+struct ApiWake(Arc<vmm_sys_util::eventfd::EventFd>);
+
+impl event_manager::MutEventSubscriber for ApiWake {
+    fn process(&mut self, _events: event_manager::Events, _ops: &mut event_manager::EventOps) {
+        let _ = self.0.read();
+    }
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        let _ = ops.add(event_manager::Events::new(
+            &*self.0,
+            vmm_sys_util::epoll::EventSet::IN,
+        ));
+    }
 }
