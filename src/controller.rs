@@ -7,7 +7,7 @@ use crate::action::{Action, ActionError, ActionOk, ActionResult};
 use crate::builder;
 use crate::config::{self, VmConfig};
 use crate::metrics::{METRICS, timeline_mark};
-use crate::vcpu::ExitSignal;
+use crate::vcpu::{ExitSignal, VmExit};
 use crate::vmm::{EventLoop, Vmm};
 
 /// Firecracker's wording, so SDKs that match on it keep working.
@@ -43,6 +43,10 @@ pub struct Controller {
     /// Files a jail imported, as (path inside the jail, path the user gave): GET
     /// /vm/config reports paths as the user gave them.
     pub path_aliases: Vec<(String, String)>,
+}
+
+fn seccomp_error(e: crate::seccomp::SeccompError) -> builder::BuildError {
+    builder::BuildError::Io(std::io::Error::other(e.to_string()))
 }
 
 fn json(v: serde_json::Value) -> ActionResult {
@@ -124,14 +128,20 @@ impl Controller {
             boot_timer: self.boot_timer,
         };
         let built = builder::build(&self.config, &opts, self.exit.clone())?;
+        // Before any vCPU thread exists: a filter that cannot be installed fails the start
+        // here, with no guest running.
+        crate::seccomp::check().map_err(seccomp_error)?;
         crate::devices::serial::stdin_raw_mode();
         let vmm = Vmm::start(built, event_loop).map_err(builder::BuildError::Io)?;
-        // Every other thread is running with its own filter: the VMM thread's comes last,
-        // as filters are inherited by threads started later.
-        crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)
-            .map_err(|e| builder::BuildError::Io(std::io::Error::other(e.to_string())))?;
         self.vmm = Some(vmm);
         self.state = State::Running;
+        // Every other thread is running with its own filter: the VMM thread's comes last,
+        // as filters are inherited by threads started later. Should it still fail, the
+        // guest is stopped, so the state and the VM agree.
+        if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vmm) {
+            self.exit.stop(VmExit::VmmError(e.to_string()));
+            return Err(seccomp_error(e));
+        }
         Ok(())
     }
 

@@ -221,10 +221,9 @@ pub fn enabled() -> bool {
     matches!(FILTERS.get(), Some(Some(_)) | None)
 }
 
-/// Installs the current thread's filter. Call first thing in the thread, before it
-/// handles any input (for the VMM thread: after it has started the other threads).
-pub fn install(thread: ThreadKind) -> Result<(), SeccompError> {
-    let filters = match FILTERS.get() {
+/// The chosen filters (None: turned off).
+fn filters() -> Result<&'static Filters, SeccompError> {
+    Ok(match FILTERS.get() {
         Some(f) => f,
         // Not initialised: on by default (a thread never runs unconfined by omission),
         // except in this crate's unit tests, whose threads share the test harness.
@@ -233,8 +232,38 @@ pub fn install(thread: ThreadKind) -> Result<(), SeccompError> {
             let _ = FILTERS.set(Some(builtin()?));
             FILTERS.get().unwrap_or(&None)
         }
+    })
+}
+
+/// The kernel's limit on a classic BPF program's length (BPF_MAXINSNS).
+const MAX_INSTRUCTIONS: usize = 4096;
+
+/// Checks, before any vCPU thread starts, what `install` could otherwise find only once
+/// the guest runs: the filters are chosen and decoded, each has a length the kernel
+/// accepts, and the SIGSYS handler is in place. A failure then fails InstanceStart with
+/// no guest running.
+pub fn check() -> Result<(), SeccompError> {
+    let Some(programs) = filters()? else {
+        return Ok(());
     };
-    let Some(programs) = filters else {
+    for thread in ThreadKind::ALL {
+        let len = programs.get(thread.index()).map_or(0, |p| p.len());
+        if !(1..=MAX_INSTRUCTIONS).contains(&len) {
+            return Err(SeccompError::Install {
+                thread: thread.name(),
+                why: format!(
+                    "the filter has {len} instructions; the kernel takes 1 to {MAX_INSTRUCTIONS}"
+                ),
+            });
+        }
+    }
+    install_sigsys_handler()
+}
+
+/// Installs the current thread's filter. Call first thing in the thread, before it
+/// handles any input (for the VMM thread: after it has started the other threads).
+pub fn install(thread: ThreadKind) -> Result<(), SeccompError> {
+    let Some(programs) = filters()? else {
         return Ok(());
     };
     let program = &programs[thread.index()];

@@ -168,7 +168,10 @@ impl Vmm {
             controls,
             cmdline,
         } = built;
-        let reset: Subscriber = Arc::new(Mutex::new(GuestReset { exit, reset_evt }));
+        let reset: Subscriber = Arc::new(Mutex::new(GuestReset {
+            exit: exit.clone(),
+            reset_evt,
+        }));
         event_loop.add_subscriber(reset);
         for sub in devices.subscribers() {
             event_loop.add_subscriber(sub);
@@ -177,9 +180,14 @@ impl Vmm {
         crate::vcpu::install_kick_handler()?;
         for vcpu in vcpus {
             let name = format!("ember_vcpu{}", vcpu.index);
-            std::thread::Builder::new()
+            if let Err(e) = std::thread::Builder::new()
                 .name(name)
-                .spawn(move || vcpu.run())?;
+                .spawn(move || vcpu.run())
+            {
+                // vCPUs started before this one must not run on unseen.
+                exit.stop(VmExit::VmmError(format!("cannot start a vCPU thread: {e}")));
+                return Err(e);
+            }
         }
         Ok(Vmm {
             cmdline,
