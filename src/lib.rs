@@ -1,4 +1,6 @@
 //! ember: a minimal KVM microVM monitor.
+// Outside tests, a failure is an error value with a message, never a panic (issue 10).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod action;
 pub mod api;

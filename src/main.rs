@@ -3,6 +3,8 @@
 //! `main` only reports: `run` does the work and returns either the exit code of a VM that
 //! ran, or a [`StartError`] that knows its own exit code.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
