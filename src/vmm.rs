@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::block_signal;
+use vmm_sys_util::signal::{block_signal, create_sigset};
 
 use crate::builder::BuiltVm;
 use crate::devices::manager::DeviceManager;
@@ -30,10 +30,13 @@ impl Token {
     }
 }
 
+/// The signals that stop ember cleanly.
+const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
+
 /// Blocks SIGTERM and SIGINT in this thread and every thread it starts later; they are
 /// read from a signalfd on the event loop instead, so a stop is always clean.
 pub fn block_stop_signals() -> std::io::Result<()> {
-    for sig in [libc::SIGTERM, libc::SIGINT] {
+    for sig in STOP_SIGNALS {
         block_signal(sig).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
     }
     Ok(())
@@ -41,14 +44,9 @@ pub fn block_stop_signals() -> std::io::Result<()> {
 
 fn stop_signalfd() -> std::io::Result<std::fs::File> {
     use std::os::fd::FromRawFd;
-    // SAFETY: sigset operations on a local, zero-initialised set.
-    let fd = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC)
-    };
+    let set = create_sigset(&STOP_SIGNALS).map_err(std::io::Error::from)?;
+    // SAFETY: signalfd with a valid, initialised signal set; the result is checked.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
