@@ -127,7 +127,7 @@ pub fn build(
     let pvm = crate::vm::is_pvm_host();
     let cmdline = write_boot_data(config, &mem, &kernel, initrd, &devices, pvm)?;
     let (vcpus, controls) = create_vcpus(&kvm, &vm, mc.vcpu_count, &kernel, &devices, &exit, pvm)?;
-    timeline_mark(&METRICS.t_vm_built_us);
+    timeline_mark(&METRICS.boot_timeline_us.vm_built);
     log::info!("kernel command line: {cmdline}");
     Ok(BuiltVm {
         vm,

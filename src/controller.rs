@@ -123,7 +123,7 @@ impl Controller {
         &mut self,
         event_loop: &mut EventLoop,
     ) -> Result<(), builder::BuildError> {
-        timeline_mark(&METRICS.t_instance_start_us);
+        timeline_mark(&METRICS.boot_timeline_us.instance_start);
         let opts = builder::BuildOptions {
             boot_timer: self.boot_timer,
         };

@@ -148,7 +148,7 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
     }
     let id = init_logging(&args)?;
     let mut file_config = read_config_file(&args)?;
-    metrics::timeline_mark(&metrics::METRICS.t_config_ready_us);
+    metrics::timeline_mark(&metrics::METRICS.boot_timeline_us.config_ready);
 
     vmm::block_stop_signals().map_err(StartError::BlockSignals)?;
     // Seccomp policy and jail: after the configuration is read (host paths), before any

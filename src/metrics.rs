@@ -1,51 +1,73 @@
 //! Metrics: static atomic counters, flushed as one JSON object per line (Firecracker's
 //! format), and the boot timeline.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, OnceLock};
 use std::time::Instant;
 
-/// Timeline values are microseconds since `start()`; 0 means "not reached".
-#[derive(Default)]
+use serde::Serialize;
+
+/// Every counter, declared once: the struct's shape is the JSON's shape (serde writes an
+/// atomic as its current value). Timeline values are microseconds since `start()`; 0
+/// means "not reached".
+#[derive(Default, Serialize)]
 pub struct Metrics {
-    pub serial_out_bytes: AtomicU64,
-    pub serial_dropped_bytes: AtomicU64,
-    pub serial_in_bytes: AtomicU64,
+    pub api_server: ApiMetrics,
+    pub vcpu: VcpuMetrics,
+    pub uart: UartMetrics,
+    pub boot_timeline_us: Timeline,
+}
+
+/// API request accounting.
+#[derive(Default, Serialize)]
+pub struct ApiMetrics {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub latency_us_total: AtomicU64,
+    pub latency_us_max: AtomicU64,
+}
+
+/// vCPU exits, and guest accesses no device answered.
+#[derive(Default, Serialize)]
+pub struct VcpuMetrics {
+    pub exits_io: AtomicU64,
+    pub exits_mmio: AtomicU64,
+    pub exits_other: AtomicU64,
     pub pio_unmapped_reads: AtomicU64,
     pub pio_unmapped_writes: AtomicU64,
     pub mmio_unmapped_reads: AtomicU64,
     pub mmio_unmapped_writes: AtomicU64,
-    pub vcpu_exits_io: AtomicU64,
-    pub vcpu_exits_mmio: AtomicU64,
-    pub vcpu_exits_other: AtomicU64,
-    pub t_config_ready_us: AtomicU64,
-    pub t_vm_built_us: AtomicU64,
-    pub t_first_vcpu_run_us: AtomicU64,
-    pub t_first_serial_us: AtomicU64,
-    pub t_guest_boot_timer_us: AtomicU64,
-    pub t_api_ready_us: AtomicU64,
-    pub t_instance_start_us: AtomicU64,
 }
 
-pub static METRICS: Metrics = Metrics {
-    serial_out_bytes: AtomicU64::new(0),
-    serial_dropped_bytes: AtomicU64::new(0),
-    serial_in_bytes: AtomicU64::new(0),
-    pio_unmapped_reads: AtomicU64::new(0),
-    pio_unmapped_writes: AtomicU64::new(0),
-    mmio_unmapped_reads: AtomicU64::new(0),
-    mmio_unmapped_writes: AtomicU64::new(0),
-    vcpu_exits_io: AtomicU64::new(0),
-    vcpu_exits_mmio: AtomicU64::new(0),
-    vcpu_exits_other: AtomicU64::new(0),
-    t_config_ready_us: AtomicU64::new(0),
-    t_vm_built_us: AtomicU64::new(0),
-    t_first_vcpu_run_us: AtomicU64::new(0),
-    t_first_serial_us: AtomicU64::new(0),
-    t_guest_boot_timer_us: AtomicU64::new(0),
-    t_api_ready_us: AtomicU64::new(0),
-    t_instance_start_us: AtomicU64::new(0),
-};
+/// The serial console.
+#[derive(Default, Serialize)]
+pub struct UartMetrics {
+    pub out_bytes: AtomicU64,
+    /// Bytes the guest wrote that nobody read in time (see devices/serial.rs).
+    pub dropped_out_bytes: AtomicU64,
+    pub in_bytes: AtomicU64,
+}
+
+/// The boot timeline, in microseconds since process start.
+#[derive(Default, Serialize)]
+pub struct Timeline {
+    /// Always 0: the origin, written so readers see the whole timeline.
+    #[serde(serialize_with = "zero")]
+    pub process_start: (),
+    pub api_ready: AtomicU64,
+    pub config_ready: AtomicU64,
+    pub instance_start: AtomicU64,
+    pub vm_built: AtomicU64,
+    pub first_vcpu_run: AtomicU64,
+    pub first_serial_output: AtomicU64,
+    pub guest_boot_timer: AtomicU64,
+}
+
+fn zero<S: serde::Serializer>(_: &(), s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(0)
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
 
 static START: OnceLock<Instant> = OnceLock::new();
 
@@ -76,20 +98,20 @@ pub fn timeline_mark_once(slot: &AtomicU64) {
 
 /// One line describing the boot timeline, for the log and the demo.
 pub fn timeline_summary() -> String {
-    let m = &METRICS;
+    let t = &METRICS.boot_timeline_us;
     let fmt = |v: &AtomicU64| match v.load(Ordering::Relaxed) {
         0 => "-".to_string(),
         us => format!("{:.3}ms", us as f64 / 1000.0),
     };
     format!(
         "boot timeline (since process start): api ready {}, config ready {}, instance start {}, vm built {}, first vcpu run {}, first serial output {}, guest boot-timer {}",
-        fmt(&m.t_api_ready_us),
-        fmt(&m.t_config_ready_us),
-        fmt(&m.t_instance_start_us),
-        fmt(&m.t_vm_built_us),
-        fmt(&m.t_first_vcpu_run_us),
-        fmt(&m.t_first_serial_us),
-        fmt(&m.t_guest_boot_timer_us),
+        fmt(&t.api_ready),
+        fmt(&t.config_ready),
+        fmt(&t.instance_start),
+        fmt(&t.vm_built),
+        fmt(&t.first_vcpu_run),
+        fmt(&t.first_serial_output),
+        fmt(&t.guest_boot_timer),
     )
 }
 
@@ -108,29 +130,15 @@ pub fn set_output(path: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// API request accounting, one slot per action kind.
-pub struct ApiCounters {
-    pub requests: AtomicU64,
-    pub errors: AtomicU64,
-    pub latency_us_total: AtomicU64,
-    pub latency_us_max: AtomicU64,
-}
-
-pub static API: ApiCounters = ApiCounters {
-    requests: AtomicU64::new(0),
-    errors: AtomicU64::new(0),
-    latency_us_total: AtomicU64::new(0),
-    latency_us_max: AtomicU64::new(0),
-};
-
 pub fn record_api_request(latency_us: u64, ok: bool) {
-    API.requests.fetch_add(1, Ordering::Relaxed);
+    let api = &METRICS.api_server;
+    api.requests.fetch_add(1, Ordering::Relaxed);
     if !ok {
-        API.errors.fetch_add(1, Ordering::Relaxed);
+        api.errors.fetch_add(1, Ordering::Relaxed);
     }
-    API.latency_us_total
+    api.latency_us_total
         .fetch_add(latency_us, Ordering::Relaxed);
-    API.latency_us_max.fetch_max(latency_us, Ordering::Relaxed);
+    api.latency_us_max.fetch_max(latency_us, Ordering::Relaxed);
 }
 
 /// Extra per-device sections (virtio devices register a closure producing their JSON).
@@ -143,46 +151,16 @@ pub fn register_section(f: Section) {
 
 /// The current metrics as one JSON object.
 pub fn snapshot() -> serde_json::Value {
-    let m = &METRICS;
-    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let wall_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let mut v = serde_json::json!({
-        "utc_timestamp_ms": wall_ms,
-        "api_server": {
-            "requests": g(&API.requests),
-            "errors": g(&API.errors),
-            "latency_us_total": g(&API.latency_us_total),
-            "latency_us_max": g(&API.latency_us_max),
-        },
-        "vcpu": {
-            "exits_io": g(&m.vcpu_exits_io),
-            "exits_mmio": g(&m.vcpu_exits_mmio),
-            "exits_other": g(&m.vcpu_exits_other),
-            "pio_unmapped_reads": g(&m.pio_unmapped_reads),
-            "pio_unmapped_writes": g(&m.pio_unmapped_writes),
-            "mmio_unmapped_reads": g(&m.mmio_unmapped_reads),
-            "mmio_unmapped_writes": g(&m.mmio_unmapped_writes),
-        },
-        "uart": {
-            "out_bytes": g(&m.serial_out_bytes),
-            "dropped_out_bytes": g(&m.serial_dropped_bytes),
-            "in_bytes": g(&m.serial_in_bytes),
-        },
-        "boot_timeline_us": {
-            "process_start": 0,
-            "api_ready": g(&m.t_api_ready_us),
-            "config_ready": g(&m.t_config_ready_us),
-            "instance_start": g(&m.t_instance_start_us),
-            "vm_built": g(&m.t_vm_built_us),
-            "first_vcpu_run": g(&m.t_first_vcpu_run_us),
-            "first_serial_output": g(&m.t_first_serial_us),
-            "guest_boot_timer": g(&m.t_guest_boot_timer_us),
-        },
+    let mut v = serde_json::to_value(&*METRICS).unwrap_or_else(|e| {
+        log::error!("cannot serialise the metrics: {e}");
+        serde_json::json!({})
     });
     if let Some(obj) = v.as_object_mut() {
+        obj.insert("utc_timestamp_ms".into(), wall_ms.into());
         for s in SECTIONS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let (k, val) = s();
             obj.insert(k, val);
@@ -222,5 +200,56 @@ pub fn flush_if_due() {
         if let Err(e) = flush() {
             log::warn!("cannot write metrics: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON keys users and tests read (Firecracker-style sections).
+    #[test]
+    fn snapshot_has_the_documented_shape() {
+        let v = snapshot();
+        let keys = |section: &str| -> Vec<String> {
+            let mut k: Vec<String> = v[section]
+                .as_object()
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default();
+            k.sort();
+            k
+        };
+        assert!(v["utc_timestamp_ms"].as_u64().unwrap() > 0);
+        assert_eq!(
+            keys("api_server"),
+            ["errors", "latency_us_max", "latency_us_total", "requests"]
+        );
+        assert_eq!(
+            keys("vcpu"),
+            [
+                "exits_io",
+                "exits_mmio",
+                "exits_other",
+                "mmio_unmapped_reads",
+                "mmio_unmapped_writes",
+                "pio_unmapped_reads",
+                "pio_unmapped_writes"
+            ]
+        );
+        assert_eq!(keys("uart"), ["dropped_out_bytes", "in_bytes", "out_bytes"]);
+        assert_eq!(
+            keys("boot_timeline_us"),
+            [
+                "api_ready",
+                "config_ready",
+                "first_serial_output",
+                "first_vcpu_run",
+                "guest_boot_timer",
+                "instance_start",
+                "process_start",
+                "vm_built"
+            ]
+        );
+        assert_eq!(v["boot_timeline_us"]["process_start"], 0);
     }
 }

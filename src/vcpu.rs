@@ -108,30 +108,42 @@ pub enum ExitAction {
 pub fn handle_exit(exit: VcpuExit, index: u8, pio: &Bus, mmio: &Bus) -> ExitAction {
     match exit {
         VcpuExit::IoIn(port, data) => {
-            METRICS.vcpu_exits_io.fetch_add(1, Ordering::Relaxed);
+            METRICS.vcpu.exits_io.fetch_add(1, Ordering::Relaxed);
             if !pio.read(u64::from(port), data) {
-                METRICS.pio_unmapped_reads.fetch_add(1, Ordering::Relaxed);
+                METRICS
+                    .vcpu
+                    .pio_unmapped_reads
+                    .fetch_add(1, Ordering::Relaxed);
             }
             ExitAction::Continue
         }
         VcpuExit::IoOut(port, data) => {
-            METRICS.vcpu_exits_io.fetch_add(1, Ordering::Relaxed);
+            METRICS.vcpu.exits_io.fetch_add(1, Ordering::Relaxed);
             if !pio.write(u64::from(port), data) {
-                METRICS.pio_unmapped_writes.fetch_add(1, Ordering::Relaxed);
+                METRICS
+                    .vcpu
+                    .pio_unmapped_writes
+                    .fetch_add(1, Ordering::Relaxed);
             }
             ExitAction::Continue
         }
         VcpuExit::MmioRead(addr, data) => {
-            METRICS.vcpu_exits_mmio.fetch_add(1, Ordering::Relaxed);
+            METRICS.vcpu.exits_mmio.fetch_add(1, Ordering::Relaxed);
             if !mmio.read(addr, data) {
-                METRICS.mmio_unmapped_reads.fetch_add(1, Ordering::Relaxed);
+                METRICS
+                    .vcpu
+                    .mmio_unmapped_reads
+                    .fetch_add(1, Ordering::Relaxed);
             }
             ExitAction::Continue
         }
         VcpuExit::MmioWrite(addr, data) => {
-            METRICS.vcpu_exits_mmio.fetch_add(1, Ordering::Relaxed);
+            METRICS.vcpu.exits_mmio.fetch_add(1, Ordering::Relaxed);
             if !mmio.write(addr, data) {
-                METRICS.mmio_unmapped_writes.fetch_add(1, Ordering::Relaxed);
+                METRICS
+                    .vcpu
+                    .mmio_unmapped_writes
+                    .fetch_add(1, Ordering::Relaxed);
             }
             ExitAction::Continue
         }
@@ -140,7 +152,7 @@ pub fn handle_exit(exit: VcpuExit, index: u8, pio: &Bus, mmio: &Bus) -> ExitActi
         VcpuExit::Intr | VcpuExit::IrqWindowOpen => ExitAction::Interrupted,
         VcpuExit::Hlt => ExitAction::Continue,
         VcpuExit::SystemEvent(kind, _) => {
-            METRICS.vcpu_exits_other.fetch_add(1, Ordering::Relaxed);
+            METRICS.vcpu.exits_other.fetch_add(1, Ordering::Relaxed);
             match kind {
                 KVM_SYSTEM_EVENT_RESET => ExitAction::Stop(VmExit::GuestReset),
                 KVM_SYSTEM_EVENT_SHUTDOWN => ExitAction::Stop(VmExit::GuestShutdown),
@@ -307,7 +319,7 @@ impl Vcpu {
         // A pause requested before the thread started takes effect now.
         self.control.wait_if_paused();
         if self.index == 0 {
-            timeline_mark_once(&METRICS.t_first_vcpu_run_us);
+            timeline_mark_once(&METRICS.boot_timeline_us.first_vcpu_run);
         }
         loop {
             let action = match self.fd.run() {
@@ -374,11 +386,11 @@ mod tests {
         let pio = Bus::new();
         let mmio = Bus::new();
         let mut data = [0u8; 2];
-        let before = METRICS.pio_unmapped_reads.load(Ordering::Relaxed);
+        let before = METRICS.vcpu.pio_unmapped_reads.load(Ordering::Relaxed);
         let a = handle_exit(VcpuExit::IoIn(0x80, &mut data), 0, &pio, &mmio);
         assert_eq!(a, ExitAction::Continue);
         assert_eq!(data, [0xff, 0xff]);
-        assert!(METRICS.pio_unmapped_reads.load(Ordering::Relaxed) > before);
+        assert!(METRICS.vcpu.pio_unmapped_reads.load(Ordering::Relaxed) > before);
     }
 
     #[test]

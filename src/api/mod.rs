@@ -68,7 +68,7 @@ pub fn start(
     max_payload: usize,
 ) -> Result<JoinHandle<()>, ApiError> {
     let listener = bind(path)?;
-    crate::metrics::timeline_mark(&crate::metrics::METRICS.t_api_ready_us);
+    crate::metrics::timeline_mark(&crate::metrics::METRICS.boot_timeline_us.api_ready);
     listener
         .set_nonblocking(true)
         .map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;

@@ -16,9 +16,10 @@ impl BusDevice for BootTimer {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == 0 && data.first() == Some(&MAGIC_BOOT_COMPLETE) {
-            timeline_mark_once(&METRICS.t_guest_boot_timer_us);
+            timeline_mark_once(&METRICS.boot_timeline_us.guest_boot_timer);
             let us = METRICS
-                .t_guest_boot_timer_us
+                .boot_timeline_us
+                .guest_boot_timer
                 .load(std::sync::atomic::Ordering::Relaxed);
             log::info!(
                 "Guest-boot-time = {us:>6} us {:>4} ms (since process start)",

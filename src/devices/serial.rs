@@ -31,10 +31,13 @@ pub struct ConsoleEvents {
 impl SerialEvents for ConsoleEvents {
     fn buffer_read(&self) {}
     fn out_byte(&self) {
-        METRICS.serial_out_bytes.fetch_add(1, Ordering::Relaxed);
+        METRICS.uart.out_bytes.fetch_add(1, Ordering::Relaxed);
     }
     fn tx_lost_byte(&self) {
-        METRICS.serial_dropped_bytes.fetch_add(1, Ordering::Relaxed);
+        METRICS
+            .uart
+            .dropped_out_bytes
+            .fetch_add(1, Ordering::Relaxed);
     }
     fn in_buffer_empty(&self) {
         let _ = self.input_space.write(1);
@@ -144,7 +147,7 @@ pub struct TimedOut(pub ConsoleOut);
 
 impl Write for TimedOut {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        crate::metrics::timeline_mark_once(&METRICS.t_first_serial_us);
+        crate::metrics::timeline_mark_once(&METRICS.boot_timeline_us.first_serial_output);
         self.0.write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -275,9 +278,7 @@ impl ConsoleInput {
                 return;
             }
         };
-        METRICS
-            .serial_in_bytes
-            .fetch_add(n as u64, Ordering::Relaxed);
+        METRICS.uart.in_bytes.fetch_add(n as u64, Ordering::Relaxed);
         self.serial
             .lock()
             .unwrap_or_else(|p| p.into_inner())
