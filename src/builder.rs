@@ -230,7 +230,7 @@ fn write_boot_data(
     boot::write_boot_params(mem, kernel, &cmdline, initrd)?;
     mptable::setup(mem, config.machine_config.vcpu_count)?;
     regs::write_boot_tables(mem)?;
-    Ok(cmdline)
+    Ok(boot::cmdline_text(&cmdline))
 }
 
 /// Phase 6: the vCPUs, each with its CPUID and registers; the boot CPU at the kernel's

@@ -4,8 +4,11 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 
+use linux_loader::cmdline::{Cmdline, Error as CmdlineError};
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use linux_loader::loader::{KernelLoader, bzimage::BzImage, elf::Elf};
+use linux_loader::loader::{KernelLoader, bzimage::BzImage, elf::Elf, load_cmdline};
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::layout::{
@@ -36,10 +39,12 @@ pub enum BootError {
         "kernel command line is {len} bytes with ember's additions; the limit is {max} (boot_args {user} bytes)"
     )]
     CmdlineTooLong { len: usize, max: usize, user: usize },
-    #[error("kernel command line contains a NUL byte")]
-    CmdlineNul,
-    #[error("cannot write boot data into guest memory: {0}")]
-    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    #[error("kernel command line (boot_args and ember's additions): {0}")]
+    Cmdline(linux_loader::cmdline::Error),
+    #[error("cannot write the kernel command line into guest memory: {0}")]
+    WriteCmdline(linux_loader::loader::Error),
+    #[error("cannot write boot_params into guest memory: {0}")]
+    WriteBootParams(linux_loader::configurator::Error),
 }
 
 /// The kernel command line used when `boot_args` is absent: the serial console, reset
@@ -133,56 +138,47 @@ pub fn load_initrd(
 }
 
 /// Builds the command line: the user's kernel arguments, then ember's own additions, then
-/// the init arguments after any `--`, so ember's additions never reach init.
-pub fn build_cmdline(boot_args: Option<&str>, additions: &[String]) -> Result<String, BootError> {
+/// the init arguments after any `--`, so ember's additions never reach init. linux-loader's
+/// `Cmdline` splits off the init arguments (at the first `--` word outside double quotes),
+/// checks ember's additions are printable ASCII and keeps the whole line, NUL included,
+/// within `CMDLINE_MAX_SIZE`.
+pub fn build_cmdline(boot_args: Option<&str>, additions: &[String]) -> Result<Cmdline, BootError> {
     let user = boot_args.unwrap_or(DEFAULT_BOOT_ARGS);
-    let (kernel_part, init_part) = split_init_args(user);
-    let mut cmdline = kernel_part.trim().to_string();
+    let too_long = || BootError::CmdlineTooLong {
+        len: user.trim().len() + additions.iter().map(|a| a.len() + 1).sum::<usize>() + 1,
+        max: CMDLINE_MAX_SIZE,
+        user: user.len(),
+    };
+    let map = |e: CmdlineError| match e {
+        CmdlineError::TooLarge | CmdlineError::InvalidCapacity => too_long(),
+        e => BootError::Cmdline(e),
+    };
+    // Spaces around the line let a `--` at its very start or end count as the separator
+    // too: linux-loader looks for " -- ".
+    let mut cmdline = Cmdline::try_from(&format!(" {user} "), CMDLINE_MAX_SIZE).map_err(map)?;
     for a in additions {
-        if !cmdline.is_empty() {
-            cmdline.push(' ');
-        }
-        cmdline.push_str(a);
+        cmdline.insert_str(a).map_err(map)?;
     }
-    if let Some(init) = init_part {
-        cmdline.push_str(" --");
-        if !init.trim().is_empty() {
-            cmdline.push(' ');
-            cmdline.push_str(init.trim());
-        }
-    }
-    if cmdline.contains('\0') {
-        return Err(BootError::CmdlineNul);
-    }
-    // The limit counts the terminating NUL.
-    if cmdline.len() >= CMDLINE_MAX_SIZE {
-        return Err(BootError::CmdlineTooLong {
-            len: cmdline.len() + 1,
-            max: CMDLINE_MAX_SIZE,
-            user: user.len(),
-        });
-    }
+    // Refuses what the kernel cannot be given (e.g. init arguments with no kernel ones).
+    cmdline.as_cstring().map_err(map)?;
     Ok(cmdline)
 }
 
-/// Splits "kernel args -- init args" at the first `--` that stands as a word.
-fn split_init_args(args: &str) -> (&str, Option<&str>) {
-    let mut pos = 0;
-    for word in args.split(' ') {
-        if word == "--" {
-            return (&args[..pos], Some(&args[pos + 2..]));
-        }
-        pos += word.len() + 1;
-    }
-    (args, None)
+/// The command line as the guest will see it (for the log).
+pub fn cmdline_text(cmdline: &Cmdline) -> String {
+    cmdline
+        .as_cstring()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
+/// boot_params as guest memory takes it (linux-loader does not mark it `ByteValued`).
 #[repr(transparent)]
 #[derive(Clone, Copy, Default)]
-struct BootParams(boot_params);
+struct ZeroPage(boot_params);
 // SAFETY: boot_params is a C struct of integers and arrays with no padding-sensitive
 // invariants; every bit pattern is a valid value.
-unsafe impl ByteValued for BootParams {}
+unsafe impl ByteValued for ZeroPage {}
 
 const E820_RAM: u32 = 1;
 
@@ -200,18 +196,21 @@ pub fn e820_map(mem: &GuestMemory) -> Vec<(u64, u64, u32)> {
     map
 }
 
-/// Writes the command line and boot_params (zero page).
+/// Writes the command line and boot_params (zero page), through linux-loader.
 pub fn write_boot_params(
     mem: &GuestMemory,
     kernel: &LoadedKernel,
-    cmdline: &str,
+    cmdline: &Cmdline,
     initrd: Option<(u64, u64)>,
 ) -> Result<(), BootError> {
-    let mut bytes = cmdline.as_bytes().to_vec();
-    bytes.push(0);
-    mem.write_slice(&bytes, GuestAddress(CMDLINE_START))?;
+    load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(BootError::WriteCmdline)?;
+    let cmdline_size = cmdline
+        .as_cstring()
+        .map_err(BootError::Cmdline)?
+        .as_bytes_with_nul()
+        .len();
 
-    let mut params = BootParams::default();
+    let mut params = ZeroPage::default();
     let p = &mut params.0;
     if let Some(hdr) = kernel.setup_header {
         p.hdr = hdr;
@@ -221,7 +220,7 @@ pub fn write_boot_params(
     p.hdr.header = 0x5372_6448;
     p.hdr.kernel_alignment = 0x0100_0000;
     p.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    p.hdr.cmdline_size = bytes.len() as u32;
+    p.hdr.cmdline_size = cmdline_size as u32;
     if let Some((addr, size)) = initrd {
         p.hdr.ramdisk_image = addr as u32;
         p.hdr.ramdisk_size = size as u32;
@@ -235,31 +234,48 @@ pub fn write_boot_params(
         };
     }
     p.e820_entries = map.len().min(p.e820_table.len()) as u8;
-    mem.write_obj(params, GuestAddress(ZERO_PAGE_START))?;
-    Ok(())
+    let zero_page = BootParams::new(&params, GuestAddress(ZERO_PAGE_START));
+    LinuxBootConfigurator::write_bootparams(&zero_page, mem).map_err(BootError::WriteBootParams)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn text(boot_args: Option<&str>, additions: &[&str]) -> String {
+        let additions: Vec<String> = additions.iter().map(|a| a.to_string()).collect();
+        cmdline_text(&build_cmdline(boot_args, &additions).unwrap())
+    }
+
     #[test]
     fn additions_go_before_init_args() {
-        let c =
-            build_cmdline(Some("console=ttyS0 -- init arg"), &["root=/dev/vda".into()]).unwrap();
+        let c = text(Some("console=ttyS0 -- init arg"), &["root=/dev/vda"]);
         assert_eq!(c, "console=ttyS0 root=/dev/vda -- init arg");
     }
 
     #[test]
+    fn a_separator_at_either_end_still_splits() {
+        assert_eq!(text(Some("-- init"), &["a=b"]), "a=b -- init");
+        assert_eq!(
+            text(Some("console=ttyS0 --"), &["a=b"]),
+            "console=ttyS0 a=b"
+        );
+    }
+
+    #[test]
+    fn a_quoted_separator_is_an_argument() {
+        let c = text(Some(r#"x="a -- b""#), &["a=b"]);
+        assert_eq!(c, r#"x="a -- b" a=b"#);
+    }
+
+    #[test]
     fn default_is_used_without_boot_args() {
-        let c = build_cmdline(None, &[]).unwrap();
-        assert_eq!(c, DEFAULT_BOOT_ARGS);
+        assert_eq!(text(None, &[]), DEFAULT_BOOT_ARGS);
     }
 
     #[test]
     fn double_dash_inside_a_word_is_not_a_separator() {
-        let c = build_cmdline(Some("a=--b"), &["x".into()]).unwrap();
-        assert_eq!(c, "a=--b x");
+        assert_eq!(text(Some("a=--b"), &["x"]), "a=--b x");
     }
 
     #[test]
@@ -271,7 +287,10 @@ mod tests {
             build_cmdline(Some(&long), &[]),
             Err(BootError::CmdlineTooLong { .. })
         ));
-        assert!(build_cmdline(Some(&ok), &["x".into()]).is_err());
+        assert!(matches!(
+            build_cmdline(Some(&ok), &["x".into()]),
+            Err(BootError::CmdlineTooLong { .. })
+        ));
     }
 
     #[test]
