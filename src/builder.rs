@@ -200,6 +200,19 @@ fn create_devices(
     devices.add_legacy_devices(reset_evt, opts.boot_timer)?;
     devices.add_drives(&config.drives)?;
     devices.add_network_interfaces(&config.network_interfaces)?;
+    if log::log_enabled!(log::Level::Debug) {
+        for d in devices.devices() {
+            log::debug!(
+                "device {} `{}`: {:?} {:#x}+{:#x}, irq {:?}",
+                d.kind.as_str(),
+                d.id,
+                d.bus,
+                d.base,
+                d.size,
+                d.irq
+            );
+        }
+    }
     Ok(devices)
 }
 

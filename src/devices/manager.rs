@@ -167,6 +167,16 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Devices go in before the vCPUs share the buses (see `buses`): checked before a
+    /// device claims KVM resources (irqfds, ioeventfds) it could not then use.
+    fn check_buses_free(&self) -> Result<(), DeviceError> {
+        if Arc::strong_count(&self.pio) == 1 && Arc::strong_count(&self.mmio) == 1 {
+            Ok(())
+        } else {
+            Err(DeviceError::BusesInUse)
+        }
+    }
+
     fn irq_line(&self, pin: u32) -> Result<super::ioapic::IrqLine, IrqError> {
         self.ioapic
             .lock()
@@ -181,6 +191,7 @@ impl DeviceManager {
         reset_evt: &EventFd,
         boot_timer: bool,
     ) -> Result<(), DeviceError> {
+        self.check_buses_free()?;
         let input_space = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             self.irq_line(SERIAL_IRQ)?,
@@ -233,6 +244,7 @@ impl DeviceManager {
         id: &str,
         device: Box<dyn VirtioDevice>,
     ) -> Result<String, DeviceError> {
+        self.check_buses_free()?;
         let slot = u32::try_from(self.virtio.len()).unwrap_or(u32::MAX);
         let (base, irq) = slot_resources(slot)?;
         let line = self
@@ -440,6 +452,72 @@ mod tests {
         d.is_read_only = true;
         d.partuuid = Some("0eaa91a0-01".into());
         assert_eq!(root_cmdline(&d, 0), ["root=PARTUUID=0eaa91a0-01", "ro"]);
+    }
+
+    /// A real VM (KVM with a split irqchip) with the legacy devices and two drives: the
+    /// list names each device with its kind, id, window and pin, in creation order.
+    #[test]
+    fn lists_every_device_with_its_kind_and_id() {
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        crate::vm::irq::create_split_irqchip(&vm).unwrap();
+        let mem = crate::vm::memory::create(&vm, 16, false).unwrap();
+        let dir = std::env::temp_dir().join(format!("ember-dm-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("disk.img");
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        let drives: Vec<DriveConfig> = ["root", "data"]
+            .iter()
+            .map(|id| {
+                serde_json::from_str(&format!(
+                    r#"{{"drive_id": "{id}", "path_on_host": "{}", "is_root_device": {}}}"#,
+                    disk.display(),
+                    *id == "root"
+                ))
+                .unwrap()
+            })
+            .collect();
+
+        let reset = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut dm = DeviceManager::new(vm, mem).unwrap();
+        dm.add_legacy_devices(&reset, true).unwrap();
+        dm.add_drives(&drives).unwrap();
+
+        let listed: Vec<(DeviceKind, &str, Option<u32>)> = dm
+            .devices()
+            .iter()
+            .map(|d| (d.kind, d.id.as_str(), d.irq))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                (DeviceKind::Ioapic, "ioapic", None),
+                (DeviceKind::Serial, "serial", Some(SERIAL_IRQ)),
+                (DeviceKind::BootTimer, "boot-timer", None),
+                (DeviceKind::I8042, "i8042", Some(I8042_IRQ)),
+                (DeviceKind::VirtioBlock, "root", Some(VIRTIO_IRQ_BASE)),
+                (DeviceKind::VirtioBlock, "data", Some(VIRTIO_IRQ_BASE + 1)),
+            ]
+        );
+        assert_eq!(dm.devices()[5].base, VIRTIO_MMIO_START + VIRTIO_MMIO_SIZE);
+        assert_eq!(
+            dm.cmdline_entries(),
+            [
+                "virtio_mmio.device=4K@0xd0001000:5",
+                "virtio_mmio.device=4K@0xd0002000:6",
+                "root=/dev/vda",
+                "rw"
+            ]
+        );
+        assert!(dm.update_drive("nope", "/x").is_err());
+
+        // Once the vCPUs hold the buses, nothing more can be added.
+        let _buses = dm.buses();
+        assert!(matches!(
+            dm.add_drives(&drives[..1]),
+            Err(DeviceError::BusesInUse)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
