@@ -1,4 +1,9 @@
 //! Command-line flags, named as Firecracker's where they overlap.
+//!
+//! Parsed by hand rather than with an argument crate: the grammar is one flat list of
+//! `--flag [value]` / `--flag=value` pairs with Firecracker's spelling and its errors
+//! (duplicates refused, a few flags repeatable), which a crate would have to be bent to
+//! reproduce, and the parser stays on the start-up path's budget with no dependency.
 
 use std::path::PathBuf;
 
