@@ -336,7 +336,8 @@ impl DeviceManager {
         (self.pio.clone(), self.mmio.clone())
     }
 
-    /// The event-loop subscribers: console input and every virtio transport.
+    /// The event-loop subscribers: console input and every virtio transport. Called once,
+    /// when the VM starts: console input moves to the event loop then.
     pub fn subscribers(&mut self) -> Vec<crate::vmm::Subscriber> {
         let mut subs: Vec<crate::vmm::Subscriber> = Vec::new();
         if let Some((serial, input_space)) = self.serial.take() {
