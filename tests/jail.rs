@@ -185,6 +185,28 @@ fn cgroup2_mount() -> PathBuf {
         .expect("a cgroup2 mount")
 }
 
+/// Waits until the VMM's vCPU threads exist and every thread has its seccomp filter.
+fn wait_until_started(pid: i32) {
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        let statuses: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let has = |name: &str| statuses.iter().any(|s| status_field(s, "Name:") == name);
+        if has("ember_vcpu0")
+            && has("ember_vcpu1")
+            && statuses.iter().all(|s| status_field(s, "Seccomp:") == "2")
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Checks a running jailed VMM from the host, for every thread.
 fn check_confined(pid: i32, jail_dir: &Path) {
     let tasks: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -386,6 +408,9 @@ fn daemonize_returns_and_the_supervisor_cleans_up() {
     assert_eq!(code, 0, "{err}");
     let jail_dir = base.join("ember").join(&id);
     let pid = vmm_pid(&jail_dir);
+    // --daemonize returns once the VMM is jailed, before it has built the VM: wait until
+    // every thread runs under its filter (the VMM thread installs its own last).
+    wait_until_started(pid);
     // Stops the VM even if a check fails (nothing else waits for it).
     struct Stop(i32);
     impl Drop for Stop {
