@@ -12,6 +12,24 @@
 //! thread installs its filter first thing, and the VMM thread (main) installs its own
 //! only after it has started every other thread (as Firecracker does).
 //!
+//! ## What the libraries under a filter may do
+//!
+//! A filter must fit everything a thread's code does, including what the C library and
+//! std do on its behalf. Each such behaviour is allowed, prevented or impossible here:
+//!
+//! | behaviour (thread) | how it is handled |
+//! |---|---|
+//! | glibc malloc in a thread's own arena: a new arena (`sched_getaffinity` once more than 8 exist), trimming a non-main heap (opens `/proc/sys/vm/overcommit_memory` the first time) | impossible: `prepare_process` limits malloc to its one main arena before any thread starts, so every thread allocates from the `brk` heap or with `mmap` |
+//! | main-arena malloc: `brk`, `mmap`/`munmap`/`mremap` for large blocks, `madvise`, lock waits (`futex`) | allowed in every filter |
+//! | formatting (`format!`, serde_json) | no system calls |
+//! | logging (all threads): the logger's lock, `clock_gettime` (vDSO, or the call), `write` to stderr or the log file opened before | allowed in every filter; the log file is opened by the VMM thread (which may `openat`) |
+//! | thread exit (API, vCPU): std frees the signal stack (`sigaltstack`, `munmap`), glibc frees TLS and `madvise`s the stack, blocks signals (`rt_sigprocmask`), `exit` | allowed in the API and vCPU filters; the VMM thread joins them and unmaps their stacks (`munmap`) |
+//! | process exit from any thread (`std::process::exit`, the panic hook): `write`, `exit_group` | allowed in every filter |
+//! | new threads, `fork`, `exec`, opening files from the API or a vCPU thread | prevented: nothing does it after the filters are on (vCPU and API threads are started before the VMM thread's filter, which forbids `clone`) |
+//! | `abort` (a release-build panic, `panic = "abort"`): `tgkill` of itself | the panic hook exits with 2 before abort runs; abort from elsewhere would trap and end ember with 148 instead of 134 |
+//!
+//! `tests/api_hostile.rs` drives each thread's heavy paths with the real filters on.
+//!
 //! Test hook (tests only, not a user interface): when the environment variable
 //! `EMBER_TEST_FORBIDDEN_SYSCALL` names a thread kind (`vmm`, `vcpu`, `api`), that thread
 //! makes a forbidden system call (getpgid, number 121) right after installing its filter,
@@ -198,9 +216,42 @@ fn target_arch() -> seccompiler::TargetArch {
     seccompiler::TargetArch::x86_64
 }
 
+/// Makes the process fit for its filters: call before any other thread starts.
+///
+/// glibc gives each new thread its own malloc arena (up to 8 per core). Freeing memory in
+/// such an arena can trim its heap, and the first trim opens
+/// `/proc/sys/vm/overcommit_memory`, a call no thread's filter allows, least of all the API
+/// thread's; a ninth arena makes glibc call `sched_getaffinity`. With one arena, every
+/// thread allocates from the main heap (`brk`, and `mmap` for large blocks), whose trimming
+/// only calls `brk`. ember's threads allocate little and rarely at the same time, so one
+/// arena's lock costs nothing measurable.
+pub fn prepare_process() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        // SAFETY: mallopt only sets a malloc parameter; M_ARENA_MAX with a positive value
+        // is valid at any time and takes effect for threads that have no arena yet.
+        let ok = unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+        if ok != 1 {
+            log::warn!("cannot limit malloc to one arena (mallopt failed)");
+        }
+    });
+}
+
+/// Installs the built-in filter of `thread` on the calling thread, whatever `init` chose,
+/// after `prepare_process`. For code that runs ember's parts outside ember (fuzz targets,
+/// tests) and wants them confined exactly as in ember: call it first thing in the thread
+/// that will run them. A forbidden call then ends the process with exit code 148 and a
+/// message on stderr naming the call.
+pub fn confine_current_thread(thread: ThreadKind) -> Result<(), SeccompError> {
+    prepare_process();
+    let programs = builtin()?;
+    apply(thread, &programs[thread.index()])
+}
+
 /// Chooses the filters. Call once, early (a policy file is read from the host, before the
 /// jail); without a call, `install` uses the built-in policy.
 pub fn init(config: &SeccompConfig) -> Result<(), SeccompError> {
+    prepare_process();
     let filters = match config {
         SeccompConfig::Builtin => Some(builtin()?),
         SeccompConfig::Disabled => None,
@@ -229,6 +280,7 @@ fn filters() -> Result<&'static Filters, SeccompError> {
         // except in this crate's unit tests, whose threads share the test harness.
         None if cfg!(test) => &None,
         None => {
+            prepare_process();
             let _ = FILTERS.set(Some(builtin()?));
             FILTERS.get().unwrap_or(&None)
         }
@@ -266,7 +318,10 @@ pub fn install(thread: ThreadKind) -> Result<(), SeccompError> {
     let Some(programs) = filters()? else {
         return Ok(());
     };
-    let program = &programs[thread.index()];
+    apply(thread, &programs[thread.index()])
+}
+
+fn apply(thread: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError> {
     install_sigsys_handler()?;
     KIND.with(|k| k.set(thread as u8));
     seccompiler::apply_filter(program).map_err(|e| SeccompError::Install {
