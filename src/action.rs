@@ -84,7 +84,7 @@ impl ActionSender {
         let (reply, rx) = std::sync::mpsc::sync_channel(1);
         let gone = || ActionError {
             status: 500,
-            message: "the VMM thread is not running".into(),
+            message: "the VMM thread is not running (ember is stopping)".into(),
         };
         self.tx
             .send(ActionRequest { action, reply })
@@ -100,34 +100,9 @@ pub struct ActionReceiver {
     pub wake: std::sync::Arc<EventFd>,
 }
 
-/// Answers the VMM thread has sent that the API thread has not yet written to its client.
-/// The VMM waits for these before the process exits, so a client whose InstanceStart made
-/// a short-lived guest reset still gets its 204.
-static UNDELIVERED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Sends the answer to a request (VMM thread).
+/// Sends the answer to a request (VMM thread). A client that has gone meanwhile is no error.
 pub fn answer(reply: &SyncSender<ActionResult>, result: ActionResult) {
-    UNDELIVERED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    if reply.send(result).is_err() {
-        UNDELIVERED.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// The API thread has written an answer to its client's socket (or given up on it).
-pub fn answer_delivered() {
-    let _ = UNDELIVERED.fetch_update(
-        std::sync::atomic::Ordering::SeqCst,
-        std::sync::atomic::Ordering::SeqCst,
-        |n| n.checked_sub(1),
-    );
-}
-
-/// Waits (bounded) until every sent answer has been written by the API thread.
-pub fn wait_for_delivery(limit: std::time::Duration) {
-    let start = std::time::Instant::now();
-    while UNDELIVERED.load(std::sync::atomic::Ordering::SeqCst) > 0 && start.elapsed() < limit {
-        std::thread::sleep(std::time::Duration::from_micros(200));
-    }
+    let _ = reply.send(result);
 }
 
 pub fn channel() -> std::io::Result<(ActionSender, ActionReceiver)> {

@@ -195,15 +195,15 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
         let wake: Subscriber = Arc::new(Mutex::new(ApiWake(receiver.wake.clone())));
         event_loop.add_subscriber(wake);
         let max = args.max_payload.unwrap_or(api::DEFAULT_MAX_PAYLOAD);
-        api::start(&path, sender, max)?;
-        Some((path, receiver))
+        let server = api::start(&path, sender, max)?;
+        Some((server, receiver))
     };
 
     if file_config.is_some()
         && let Err(e) = controller.handle(Action::InstanceStart, &mut event_loop)
     {
-        if let Some((path, _)) = &api {
-            api::remove_socket(path);
+        if let Some((server, _)) = &api {
+            api::remove_socket(server.path());
         }
         return Err(StartError::Boot(e.message));
     }
@@ -225,9 +225,8 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
         }
         metrics::flush_if_due();
     };
-    if let Some((path, _)) = &api {
-        action::wait_for_delivery(std::time::Duration::from_millis(100));
-        api::remove_socket(path);
+    if let Some((server, receiver)) = api {
+        server.stop(receiver);
     }
     controller.shutdown();
     match &why {
