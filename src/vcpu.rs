@@ -279,12 +279,14 @@ impl VcpuControl {
     /// Called by the vCPU thread after an interruption: blocks while paused.
     fn wait_if_paused(&self) {
         let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if g.0 == RunState::Paused {
-            g.1 = true;
-            self.cv.notify_all();
-            while g.0 == RunState::Paused {
-                g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        // Acknowledge every pause seen, not only the first: a resume followed at once by a
+        // pause can find this thread still waiting here, and `pause` waits for the flag.
+        while g.0 == RunState::Paused {
+            if !g.1 {
+                g.1 = true;
+                self.cv.notify_all();
             }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
     }
 }
