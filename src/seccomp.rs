@@ -237,11 +237,12 @@ pub fn prepare_process() {
     });
 }
 
-/// Installs the built-in filter of `thread` on the calling thread, whatever `init` chose,
-/// after `prepare_process`. For code that runs ember's parts outside ember (fuzz targets,
-/// tests) and wants them confined exactly as in ember: call it first thing in the thread
-/// that will run them. A forbidden call then ends the process with exit code 148 and a
-/// message on stderr naming the call.
+/// Installs the built-in filter of `thread` on the calling thread, whatever `init` chose.
+/// For code that runs ember's parts outside ember (fuzz targets, tests) and wants them
+/// confined exactly as in ember: call `prepare_process` before the process starts any
+/// thread (a thread that allocated before it keeps its own arena), then this, first thing
+/// in the thread that will run them. A forbidden call then ends the process with exit
+/// code 148 and a message on stderr naming the call.
 pub fn confine_current_thread(thread: ThreadKind) -> Result<(), SeccompError> {
     prepare_process();
     let programs = builtin()?;
