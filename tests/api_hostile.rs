@@ -176,11 +176,15 @@ impl Client {
     }
 }
 
-fn put(path: &str, body: &str) -> String {
+fn request(method: &str, path: &str, body: &str) -> String {
     format!(
-        "PUT {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
+}
+
+fn put(path: &str, body: &str) -> String {
+    request("PUT", path, body)
 }
 
 const GET_ROOT: &str = "GET / HTTP/1.1\r\n\r\n";
@@ -554,26 +558,22 @@ fn every_thread_survives_its_heavy_paths_with_filters_on() {
                     let r = match (t + i) % 8 {
                         0 => c.call("GET /vm/config HTTP/1.1\r\n\r\n"),
                         1 => c.call(&put("/actions", r#"{"action_type": "FlushMetrics"}"#)),
-                        2 => c.call(&format!(
-                            "PATCH /drives/data HTTP/1.1\r\nContent-Length: {len}\r\n\r\n{body}",
-                            body = format!(
+                        2 => {
+                            let path = if i % 2 == 0 { &b } else { &a };
+                            let body = format!(
                                 r#"{{"drive_id": "data", "path_on_host": "{}"}}"#,
-                                if i % 2 == 0 { &b } else { &a }.display()
-                            ),
-                            len = format!(
-                                r#"{{"drive_id": "data", "path_on_host": "{}"}}"#,
-                                if i % 2 == 0 { &b } else { &a }.display()
-                            )
-                            .len()
-                        )),
-                        3 => c.call(&format!(
-                            "PATCH /vm HTTP/1.1\r\nContent-Length: 19\r\n\r\n{}",
-                            if i % 2 == 0 {
-                                r#"{"state":"Paused"} "#
-                            } else {
-                                r#"{"state":"Resumed"}"#
-                            }
-                        )),
+                                path.display()
+                            );
+                            c.call(&request("PATCH", "/drives/data", &body))
+                        }
+                        3 => {
+                            let state = if i % 2 == 0 { "Paused" } else { "Resumed" };
+                            c.call(&request(
+                                "PATCH",
+                                "/vm",
+                                &format!(r#"{{"state": "{state}"}}"#),
+                            ))
+                        }
                         4 => c.call(&put("/machine-config", r#"{"vcpu_count": "x"}"#)),
                         5 => {
                             let mut s = UnixStream::connect(&sock).unwrap();
@@ -592,10 +592,7 @@ fn every_thread_survives_its_heavy_paths_with_filters_on() {
                     }
                 }
                 // Leave it resumed.
-                c.call(&format!(
-                    "PATCH /vm HTTP/1.1\r\nContent-Length: 19\r\n\r\n{}",
-                    r#"{"state":"Resumed"}"#
-                ));
+                c.call(&request("PATCH", "/vm", r#"{"state": "Resumed"}"#));
             })
         })
         .collect();
@@ -656,13 +653,7 @@ fn rapid_pause_and_resume_never_hang_the_vmm() {
             .0,
         204
     );
-    let patch = |state: &str| {
-        let body = format!(r#"{{"state": "{state}"}}"#);
-        format!(
-            "PATCH /vm HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-    };
+    let patch = |state: &str| request("PATCH", "/vm", &format!(r#"{{"state": "{state}"}}"#));
     let cycles = patch("Paused") + &patch("Resumed");
     within(HANG, "300 pause/resume cycles", move || {
         for i in 0..300 {
