@@ -26,14 +26,18 @@
 //! | thread exit (API, vCPU): std frees the signal stack (`sigaltstack`, `munmap`), glibc frees TLS and `madvise`s the stack, blocks signals (`rt_sigprocmask`), `exit` | allowed in the API and vCPU filters; the VMM thread joins them and unmaps their stacks (`munmap`) |
 //! | process exit from any thread (`std::process::exit`, the panic hook): `write`, `exit_group` | allowed in every filter |
 //! | new threads, `fork`, `exec`, opening files from the API or a vCPU thread | prevented: nothing does it after the filters are on (vCPU and API threads are started before the VMM thread's filter, which forbids `clone`) |
-//! | `abort` (a release-build panic, `panic = "abort"`): `tgkill` of itself | the panic hook exits with 2 before abort runs; abort from elsewhere would trap and end ember with 148 instead of 134 |
+//! | a panic on any thread: the panic hook restores the terminal (`ioctl` TCGETS and TCSETS on stdin), writes to stderr and exits with 2 | allowed: each filter has those two on fd 0; the hook exits before the unwinder or `abort` (`tgkill`) would run |
+//! | `abort` from elsewhere (glibc's heap-corruption check, a stack overflow) | not allowed (`tgkill`): ends ember with 148 instead of 134, still a crash with a message |
 //!
 //! `tests/api_hostile.rs` drives each thread's heavy paths with the real filters on.
 //!
 //! Test hook (tests only, not a user interface): when the environment variable
 //! `EMBER_TEST_FORBIDDEN_SYSCALL` names a thread kind (`vmm`, `vcpu`, `api`), that thread
 //! makes a forbidden system call (getpgid, number 121) right after installing its filter,
-//! so tests can check the SIGSYS path end to end.
+//! so tests can check the SIGSYS path end to end. When `EMBER_TEST_PANIC` names one, that
+//! thread panics under its filter: the VMM and vCPU threads right after installing it, the
+//! API thread when asked for `/ember-test-panic` (after InstanceStart, so the panic hook
+//! finds a terminal to restore).
 
 use std::cell::Cell;
 use std::os::fd::RawFd;
@@ -340,6 +344,16 @@ fn test_hook(thread: ThreadKind) {
         log::warn!("EMBER_TEST_FORBIDDEN_SYSCALL: calling getpgid, which the filter forbids");
         // SAFETY: getpgid(0) has no side effects; the filter traps it.
         unsafe { libc::syscall(libc::SYS_getpgid, 0) };
+    }
+    if thread != ThreadKind::Api {
+        test_panic(thread);
+    }
+}
+
+/// See the module documentation: tests only.
+pub fn test_panic(thread: ThreadKind) {
+    if std::env::var_os("EMBER_TEST_PANIC").is_some_and(|v| v == thread.name()) {
+        panic!("EMBER_TEST_PANIC: the {} thread panics", thread.name());
     }
 }
 

@@ -28,6 +28,10 @@ struct Ember {
 
 impl Ember {
     fn start(extra: &[&str], env: &[(&str, &str)]) -> Ember {
+        Ember::start_with(extra, env, Stdio::null())
+    }
+
+    fn start_with(extra: &[&str], env: &[(&str, &str)], stdin: Stdio) -> Ember {
         let dir = TempDir::new("hostile");
         let sock = dir.path("api.sock");
         let stderr = std::fs::File::create(dir.path("stderr")).unwrap();
@@ -35,7 +39,7 @@ impl Ember {
         cmd.arg("--api-sock")
             .arg(&sock)
             .args(extra)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::null())
             .stderr(stderr);
         for (k, v) in env {
@@ -82,14 +86,19 @@ impl Ember {
     }
 
     /// SIGTERM, then the exit code (143 when every thread stopped cleanly).
-    fn terminate(mut self) -> (Option<i32>, String) {
+    fn terminate(self) -> (Option<i32>, String) {
         send_signal(&self.child, libc::SIGTERM);
+        self.exit_code()
+    }
+
+    /// Waits for ember to exit: its exit code and stderr.
+    fn exit_code(mut self) -> (Option<i32>, String) {
         let start = Instant::now();
         let status = loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 break s;
             }
-            assert!(start.elapsed() < HANG, "ember did not stop on SIGTERM");
+            assert!(start.elapsed() < HANG, "ember did not exit");
             std::thread::sleep(Duration::from_millis(5));
         };
         (status.code(), self.stderr())
@@ -664,4 +673,79 @@ fn rapid_pause_and_resume_never_hang_the_vmm() {
     });
     fresh_get(&e.sock, "after pause/resume cycles");
     e.assert_alive();
+}
+
+/// A pseudo-terminal: ember gets the slave as stdin and puts it in raw mode at start.
+struct Pty {
+    master: std::os::fd::OwnedFd,
+    slave: std::os::fd::OwnedFd,
+}
+
+impl Pty {
+    fn new() -> Pty {
+        use std::os::fd::FromRawFd;
+        let (mut m, mut s) = (-1, -1);
+        // SAFETY: openpty writes two descriptors on success; name, termios and winsize
+        // may be null.
+        let rc = unsafe {
+            libc::openpty(
+                &mut m,
+                &mut s,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors were just opened and are owned here alone.
+        unsafe {
+            Pty {
+                master: std::os::fd::OwnedFd::from_raw_fd(m),
+                slave: std::os::fd::OwnedFd::from_raw_fd(s),
+            }
+        }
+    }
+
+    fn stdin(&self) -> Stdio {
+        Stdio::from(self.slave.try_clone().unwrap())
+    }
+
+    /// Whether line editing and echo are on (as before ember's raw mode).
+    fn cooked(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a zeroed termios is a valid out-parameter for tcgetattr on an open fd.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: the descriptor is open; `t` is valid for writes.
+        let rc = unsafe { libc::tcgetattr(self.slave.as_raw_fd(), &mut t) };
+        assert_eq!(rc, 0);
+        t.c_lflag & libc::ICANON != 0 && t.c_lflag & libc::ECHO != 0
+    }
+}
+
+/// A panic on any thread goes through the panic hook under that thread's filter: the
+/// terminal is restored and ember exits with 2 (not 148, with the terminal left raw).
+#[test]
+fn a_panic_on_any_thread_restores_the_terminal_under_its_filter() {
+    for thread in ["vcpu", "vmm", "api"] {
+        let pty = Pty::new();
+        assert!(pty.cooked());
+        let e = Ember::start_with(&[], &[("EMBER_TEST_PANIC", thread)], pty.stdin());
+        let mut c = Client::new(&e.sock);
+        let boot = format!(
+            r#"{{"kernel_image_path": "{GUEST}", "boot_args": "console=ttyS0 ember_test=counter"}}"#
+        );
+        assert_eq!(c.call(&put("/boot-source", &boot)).0, 204);
+        // The vCPU and VMM threads panic during InstanceStart (the answer may not come).
+        c.send(put("/actions", r#"{"action_type": "InstanceStart"}"#).as_bytes());
+        if thread == "api" {
+            assert_eq!(c.recv().unwrap().0, 204);
+            assert!(!pty.cooked(), "ember did not put the terminal in raw mode");
+            c.send(b"GET /ember-test-panic HTTP/1.1\r\n\r\n");
+        }
+        let (code, stderr) = e.exit_code();
+        assert_eq!(code, Some(2), "{thread}: {stderr}");
+        assert!(stderr.contains("EMBER_TEST_PANIC"), "{thread}: {stderr}");
+        assert!(pty.cooked(), "{thread}: the terminal was left in raw mode");
+        drop(pty.master);
+    }
 }

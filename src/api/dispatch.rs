@@ -20,6 +20,9 @@ pub(super) fn handle(request: &Request, sender: &ActionSender) -> Response {
         request.method,
         request.path
     );
+    if request.path == "/ember-test-panic" {
+        crate::seccomp::test_panic(crate::seccomp::ThreadKind::Api);
+    }
     if !request.body.is_empty() {
         log::debug!("Request body: {}", String::from_utf8_lossy(&request.body));
     }
