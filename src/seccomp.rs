@@ -22,6 +22,8 @@
 //! | glibc malloc in a thread's own arena: a new arena (`sched_getaffinity` once more than 8 exist), trimming a non-main heap (opens `/proc/sys/vm/overcommit_memory` the first time) | impossible: `prepare_process` limits malloc to its one main arena before any thread starts, so every thread allocates from the `brk` heap or with `mmap` |
 //! | main-arena malloc: `brk`, `mmap`/`munmap`/`mremap` for large blocks, `madvise`, lock waits (`futex`) | allowed in every filter |
 //! | formatting (`format!`, serde_json) | no system calls |
+//! | error messages (`io::Error` shown through glibc's `strerror_r`) | no system calls: ember never calls `setlocale`, so glibc stays in the C locale and loads no message catalogue |
+//! | log timestamps | computed from `clock_gettime` by hand, never `localtime` (which would open `/etc/localtime`) |
 //! | logging (all threads): the logger's lock, `clock_gettime` (vDSO, or the call), `write` to stderr or the log file opened before | allowed in every filter; the log file is opened by the VMM thread (which may `openat`) |
 //! | thread exit (API, vCPU): std frees the signal stack (`sigaltstack`, `munmap`), glibc frees TLS and `madvise`s the stack, blocks signals (`rt_sigprocmask`), `exit` | allowed in the API and vCPU filters; the VMM thread joins them and unmaps their stacks (`munmap`) |
 //! | process exit from any thread (`std::process::exit`, the panic hook): `write`, `exit_group` | allowed in every filter |

@@ -590,6 +590,10 @@ fn every_thread_survives_its_heavy_paths_with_filters_on() {
                                 b"PUT /logger HTTP/1.1\r\nContent-Length: 50000\r\n\r\n".to_vec();
                             req.resize(req.len() + 40_000, b'x');
                             let _ = s.write_all(&req);
+                            // And one that hangs up on its answers: write errors, logged
+                            // with their strerror text.
+                            let mut s = UnixStream::connect(&sock).unwrap();
+                            let _ = s.write_all(GET_ROOT.repeat(50).as_bytes());
                             (200, String::new())
                         }
                         6 => c.call(&put("/boot-source", &"z".repeat(60_000))),
@@ -611,6 +615,26 @@ fn every_thread_survives_its_heavy_paths_with_filters_on() {
         });
     }
     e.assert_alive();
+    // The guest, paused often during the storm, finishes its disk test now.
+    let start = Instant::now();
+    loop {
+        assert_eq!(
+            Client::new(&e.sock)
+                .call(&put("/actions", r#"{"action_type": "FlushMetrics"}"#))
+                .0,
+            204
+        );
+        let m = std::fs::read_to_string(&metrics).unwrap();
+        let last: serde_json::Value = serde_json::from_str(m.lines().last().unwrap()).unwrap();
+        if last["block_data"]["write_count"].as_u64() > Some(0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < HANG,
+            "the guest never wrote its disk: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (code, stderr) = e.terminate();
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     let _ = Command::new("ip").args(["link", "del", &tap]).output();
