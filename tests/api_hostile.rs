@@ -420,7 +420,7 @@ fn requests_on_a_closing_connection_go_unanswered_and_block_no_one() {
 
 #[test]
 fn idle_and_stalled_connections_time_out_active_ones_do_not() {
-    let mut e = Ember::start(&[], &[("EMBER_TEST_API_TIMEOUT_MS", "500")]);
+    let mut e = Ember::start(&[], &[("EMBER_TEST_API_TIMEOUT_MS", "1000")]);
     let mut idle = UnixStream::connect(&e.sock).unwrap();
     // Half a request, then one more byte every 100 ms: bytes do not extend its time.
     let slow = UnixStream::connect(&e.sock).unwrap();
