@@ -533,7 +533,8 @@ fn every_thread_survives_its_heavy_paths_with_filters_on() {
     ok(put(
         "/boot-source",
         &format!(
-            r#"{{"kernel_image_path": "{GUEST}", "boot_args": "console=ttyS0 ember_test=blk,net,counter"}}"#
+            r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 ember_test=blk,net,counter"}}"#,
+            guest()
         ),
     ));
     ok(put(
@@ -670,7 +671,8 @@ fn rapid_pause_and_resume_never_hang_the_vmm() {
     let mut e = Ember::start(&[], &[]);
     let mut c = Client::new(&e.sock);
     let boot = format!(
-        r#"{{"kernel_image_path": "{GUEST}", "boot_args": "console=ttyS0 ember_test=counter"}}"#
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 ember_test=counter"}}"#,
+        guest()
     );
     assert_eq!(c.call(&put("/boot-source", &boot)).0, 204);
     assert_eq!(
@@ -756,7 +758,8 @@ fn a_panic_on_any_thread_restores_the_terminal_under_its_filter() {
         let e = Ember::start_with(&[], &[("EMBER_TEST_PANIC", thread)], pty.stdin());
         let mut c = Client::new(&e.sock);
         let boot = format!(
-            r#"{{"kernel_image_path": "{GUEST}", "boot_args": "console=ttyS0 ember_test=counter"}}"#
+            r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 ember_test=counter"}}"#,
+            guest()
         );
         assert_eq!(c.call(&put("/boot-source", &boot)).0, 204);
         // The vCPU and VMM threads panic during InstanceStart (the answer may not come).
