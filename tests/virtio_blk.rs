@@ -279,3 +279,81 @@ fn acknowledged_writes_survive_sigterm_and_sigint() {
         );
     }
 }
+
+/// A loop device over a scratch file, detached on drop: its /sys/block statistics count
+/// the flushes that reach the disk.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn new(file: &Path) -> LoopDevice {
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup");
+        assert!(out.status.success(), "losetup: {out:?}");
+        LoopDevice(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Flush requests completed (field 16 of /sys/block/<dev>/stat, Linux 5.5 and later).
+    fn flushes(&self) -> u64 {
+        let name = Path::new(&self.0).file_name().expect("device name");
+        let stat = std::fs::read_to_string(Path::new("/sys/block").join(name).join("stat"))
+            .expect("loop device statistics");
+        let f: Vec<&str> = stat.split_whitespace().collect();
+        f.get(15).and_then(|n| n.parse().ok()).expect("flush count")
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+/// Writeback passes the guest's flush to the disk (fdatasync); Unsafe completes it
+/// without one. Counted at the disk while the guest still runs, after its flush.
+#[test]
+fn only_writeback_flushes_reach_the_disk() {
+    for (cache, reaches) in [("Writeback", true), ("Unsafe", false)] {
+        let dir = TempDir::new("flushes");
+        let backing = dir.path("backing.img");
+        make_image(&backing, 64, 3);
+        let dev = LoopDevice::new(&backing);
+        let cfg = dir.path("vm.json");
+        std::fs::write(
+            &cfg,
+            guest_config(
+                "console=ttyS0 ember_test=blk,counter",
+                1,
+                128,
+                &format!(
+                    r#""drives": [{}]"#,
+                    drive_json("data0", Path::new(&dev.0), false, false, cache)
+                ),
+            ),
+        )
+        .unwrap();
+        let before = dev.flushes();
+        let mut child = spawn(&["--no-api", "--config-file", cfg.to_str().unwrap()]);
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let flushed = read_until(&mut out, T, |l| l.starts_with("blk: flush status="));
+        let ticking = read_until(&mut out, T, |l| l.starts_with("tick"));
+        let during = dev.flushes() - before;
+        send_signal(&child, libc::SIGTERM);
+        let status = child.wait().unwrap();
+        assert_eq!(flushed.as_deref(), Some("blk: flush status=0"), "{cache}");
+        assert!(ticking.is_some(), "{cache}: the guest stopped");
+        assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{cache}");
+        if reaches {
+            assert!(
+                during >= 1,
+                "{cache}: the guest's flush did not reach the disk"
+            );
+        } else {
+            assert_eq!(during, 0, "{cache}: a flush reached the disk");
+        }
+    }
+}

@@ -482,7 +482,10 @@ fn linux_guest_gets_a_dhcp_lease() {
         std::env::var("EMBER_VMLINUX"),
         std::env::var("EMBER_ROOTFS"),
     ) else {
-        println!("SKIP linux_guest_gets_a_dhcp_lease: EMBER_VMLINUX not set");
+        skip(
+            "linux_guest_gets_a_dhcp_lease",
+            "EMBER_VMLINUX or EMBER_ROOTFS not set (tools/test sets them from tools/build-guest)",
+        );
         return;
     };
     let ns = NetNs::new();

@@ -162,6 +162,14 @@ pub fn send_signal(child: &Child, sig: i32) {
     unsafe { libc::kill(child.id() as i32, sig) };
 }
 
+/// Says that `test` did not run, and why, as a `SKIP <test>: <reason>` line on stderr.
+/// Written straight to the stream: libtest captures `println!`/`eprintln!` of a passing
+/// test, which would hide the line from every run but `--nocapture` ones.
+pub fn skip(test: &str, reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {reason}");
+}
+
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }

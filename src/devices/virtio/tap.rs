@@ -198,11 +198,15 @@ mod tests {
 
     #[test]
     fn existing_non_tap_is_refused() {
-        // "lo" exists in every network namespace and is no TAP. Without /dev/net/tun or
-        // privileges the error differs, but it is never a success.
+        // "lo" exists in every network namespace and is no TAP: TUNSETIFF refuses it
+        // with EINVAL (the test machines have /dev/net/tun and root, so no other error
+        // may stand in for that one).
         match Tap::open("lo") {
-            Err(TapError::NotATap { name, .. }) => assert_eq!(name, "lo"),
-            Err(e) => eprintln!("lo refused with: {e}"),
+            Err(TapError::NotATap { name, source }) => {
+                assert_eq!(name, "lo");
+                assert_eq!(source.raw_os_error(), Some(libc::EINVAL), "{source}");
+            }
+            Err(e) => panic!("`lo` refused for another reason: {e}"),
             Ok(_) => panic!("`lo` opened as a TAP"),
         }
     }
