@@ -487,6 +487,16 @@ struct Running {
     sock: PathBuf,
 }
 
+/// A check that fails must not leave the other VMs looping: kill and reap them.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Running {
     fn wait_line(&self, want: &str) {
         let deadline = Instant::now() + T;
