@@ -99,13 +99,14 @@ impl Drop for NetNs {
     }
 }
 
-/// The least the open-file count may be off after a phase. Other processes on a shared
-/// host move it by a hundred or more within seconds, so the default is generous; a leak of
-/// a file per lifecycle shows in the full run (`tools/churn`: 1,000 lifecycles). On an
-/// idle host, `EMBER_CHURN_FILE_SLACK=0` makes the check exact up to half a file per
-/// lifecycle.
+/// The least the open-file count may be off after a phase. On a shared host other
+/// processes move it by hundreds within seconds (seen: +400 for over 10 s while other
+/// test suites built), so the suite's few dozen lifecycles only catch a large leak here;
+/// the exact checks (processes, TAPs, jails, cgroups, sockets, mounts, this process's
+/// descriptors) do not depend on it. `tools/churn` sets 200, where 1,000 lifecycles make
+/// a leak of one file each stand out; on an idle host 0 makes the check tight.
 fn file_slack() -> i64 {
-    count("EMBER_CHURN_FILE_SLACK", 200) as i64
+    count("EMBER_CHURN_FILE_SLACK", 1000) as i64
 }
 
 fn file_nr() -> i64 {
