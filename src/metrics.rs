@@ -15,6 +15,7 @@ pub struct Metrics {
     pub api_server: ApiMetrics,
     pub vcpu: VcpuMetrics,
     pub uart: UartMetrics,
+    pub virtio: VirtioMetrics,
     pub boot_timeline_us: Timeline,
 }
 
@@ -46,6 +47,35 @@ pub struct UartMetrics {
     /// Bytes the guest wrote that nobody read in time (see devices/serial.rs).
     pub dropped_out_bytes: AtomicU64,
     pub in_bytes: AtomicU64,
+}
+
+/// What virtio drivers did wrong, across all devices: each counter is a guest-triggered
+/// condition that is logged at debug level only (a guest could flood a louder log).
+#[derive(Default, Serialize)]
+pub struct VirtioMetrics {
+    /// Register accesses of the wrong size or alignment, or at no register.
+    pub bad_register_accesses: AtomicU64,
+    /// Config-space accesses of a bad size, or beyond the device's config space.
+    pub config_out_of_range: AtomicU64,
+    /// Queue registers written out of turn, queue sizes that are no power of two or too
+    /// large, rings outside guest RAM or misaligned.
+    pub bad_queue_configs: AtomicU64,
+    /// Status writes out of order, refused features.
+    pub bad_status_writes: AtomicU64,
+    /// Times a device set DEVICE_NEEDS_RESET (failed activation, broken ring).
+    pub needs_reset: AtomicU64,
+    /// Avail indexes further ahead than the ring holds.
+    pub avail_index_jumps: AtomicU64,
+    /// Queue notifications received (a storm shows here), and those naming no queue.
+    pub queue_notifies: AtomicU64,
+    pub bad_notifies: AtomicU64,
+    /// Resets of a running device (a request may have been in flight).
+    pub active_resets: AtomicU64,
+}
+
+/// Adds one to a counter.
+pub fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The boot timeline, in microseconds since process start.

@@ -9,7 +9,7 @@
 //! register accesses are ignored, state transitions out of order are refused, and a driver
 //! that misbehaves only breaks its own device (it never activates, or needs a reset).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -24,9 +24,10 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::{VirtioDevice, VirtioError, VirtioInterrupt};
+use super::{Interest, VirtioDevice, VirtioError, VirtioInterrupt, Work};
 use crate::devices::bus::BusDevice;
 use crate::devices::ioapic::IrqLine;
+use crate::metrics::{METRICS, inc};
 use crate::vm::memory::GuestMemory;
 
 /// "virt" in little endian.
@@ -225,17 +226,52 @@ impl MmioTransport {
         Ok(())
     }
 
+    /// Whether the device may serve its queues: running, and neither failed nor broken.
+    fn serving(&self) -> bool {
+        self.activated && self.status & VIRTIO_CONFIG_S_FAILED == 0 && !self.needs_reset
+    }
+
     /// Runs queue `index` after a kick, if the device is running.
-    pub fn process_queue(&mut self, index: usize) {
-        if !self.activated || self.status & VIRTIO_CONFIG_S_FAILED != 0 {
+    pub fn process_queue(&mut self, index: usize, interest: &mut dyn Interest) {
+        if !self.serving() {
             return;
         }
-        if self.device.process_queue(index) {
+        let work = self.device.process_queue(index, interest);
+        self.after(work, Some(index));
+    }
+
+    /// Runs device event source `source` (a TAP, a wake eventfd).
+    pub fn process_event(&mut self, source: u16, interest: &mut dyn Interest) {
+        // A reset or failed device still hears its sources, so it can drop its interest.
+        let work = self.device.process_event(source, interest);
+        self.after(work, None);
+    }
+
+    fn after(&mut self, work: Work, queue: Option<usize>) {
+        match work {
+            Work::Done => {}
             // Work left after a capped drain: come back to it after other events.
-            if let Some(Err(e)) = self.queue_evts.get(index).map(|evt| evt.write(1)) {
-                log::error!("cannot re-kick virtio queue {index}: {e}");
+            Work::More => {
+                if let Some(Err(e)) = queue
+                    .and_then(|i| self.queue_evts.get(i))
+                    .map(|e| e.write(1))
+                {
+                    log::error!("cannot re-kick a virtio queue: {e}");
+                }
             }
+            Work::Broken => self.set_needs_reset(),
         }
+    }
+
+    /// The device cannot go on until the driver resets it (virtio 1.2 §2.1.2): the
+    /// driver learns it from the Status register after a config-change interrupt.
+    fn set_needs_reset(&mut self) {
+        if !self.needs_reset {
+            inc(&METRICS.virtio.needs_reset);
+            log::debug!("virtio: device needs a reset");
+        }
+        self.needs_reset = true;
+        self.interrupt.signal_config_change();
     }
 
     fn selected_queue(&self) -> Option<&QueueConfig> {
@@ -248,7 +284,8 @@ impl MmioTransport {
         let setup =
             VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
         if self.status != setup {
-            log::warn!(
+            inc(&METRICS.virtio.bad_queue_configs);
+            log::debug!(
                 "virtio: queue register written in status {:#x}; ignored",
                 self.status
             );
@@ -299,7 +336,8 @@ impl MmioTransport {
             REG_DRIVER_FEATURES => {
                 // Features are only negotiable between DRIVER and FEATURES_OK.
                 if self.status != VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER {
-                    log::warn!(
+                    inc(&METRICS.virtio.bad_status_writes);
+                    log::debug!(
                         "virtio: DriverFeatures written in status {:#x}; ignored",
                         self.status
                     );
@@ -321,7 +359,8 @@ impl MmioTransport {
                         q.size = value as u16;
                         q.bad_size = false;
                     } else {
-                        log::warn!("virtio: invalid queue size {value} (max {})", q.max_size);
+                        inc(&METRICS.virtio.bad_queue_configs);
+                        log::debug!("virtio: invalid queue size {value} (max {})", q.max_size);
                         q.bad_size = true;
                     }
                 }
@@ -331,8 +370,10 @@ impl MmioTransport {
                 // Reaches here only when the ioeventfd did not catch it (another width or
                 // no ioeventfd): hand it to the event loop all the same.
                 log::debug!("virtio: queue {value} notified through an MMIO exit");
-                if let Some(Err(e)) = self.queue_evts.get(value as usize).map(|e| e.write(1)) {
-                    log::error!("cannot signal virtio queue {value}: {e}");
+                match self.queue_evts.get(value as usize).map(|e| e.write(1)) {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => log::error!("cannot signal virtio queue {value}: {e}"),
+                    None => inc(&METRICS.virtio.bad_notifies),
                 }
             }
             REG_INTERRUPT_ACK => self.interrupt.ack(value),
@@ -344,7 +385,10 @@ impl MmioTransport {
             REG_QUEUE_DEVICE_LOW => self.update_queue(|q| set_low(&mut q.device, value)),
             REG_QUEUE_DEVICE_HIGH => self.update_queue(|q| set_high(&mut q.device, value)),
             REG_SHM_SEL => {}
-            _ => log::debug!("virtio: write to read-only or unknown register {offset:#x}"),
+            _ => {
+                inc(&METRICS.virtio.bad_register_accesses);
+                log::debug!("virtio: write to read-only or unknown register {offset:#x}");
+            }
         }
     }
 
@@ -372,7 +416,8 @@ impl MmioTransport {
             if q.build(&mem).is_some() {
                 q.ready = true;
             } else {
-                log::warn!(
+                inc(&METRICS.virtio.bad_queue_configs);
+                log::debug!(
                     "virtio: queue refused: size {} (max {}), desc {:#x}, driver {:#x}, device {:#x} \
                      must be a power of two and aligned rings in guest RAM",
                     q.size,
@@ -392,7 +437,7 @@ impl MmioTransport {
         }
         if value & VIRTIO_CONFIG_S_FAILED != 0 {
             // The driver gave up on the device: stop serving its queues until a reset.
-            log::warn!("virtio: driver set FAILED (status {value:#x})");
+            log::debug!("virtio: driver set FAILED (status {value:#x})");
             self.status |= VIRTIO_CONFIG_S_FAILED;
             return;
         }
@@ -410,7 +455,8 @@ impl MmioTransport {
             .find(|b| self.status & **b == 0)
             .copied();
         let Some(next) = next.filter(|b| value == self.status | b) else {
-            log::warn!(
+            inc(&METRICS.virtio.bad_status_writes);
+            log::debug!(
                 "virtio: status {:#x} -> {value:#x} is out of order; ignored",
                 self.status
             );
@@ -418,10 +464,12 @@ impl MmioTransport {
         };
         match next {
             // Refused: the driver reads Status back and finds FEATURES_OK unset.
-            VIRTIO_CONFIG_S_FEATURES_OK if !self.features_acceptable() => return,
+            VIRTIO_CONFIG_S_FEATURES_OK if !self.features_acceptable() => {
+                inc(&METRICS.virtio.bad_status_writes);
+                return;
+            }
             VIRTIO_CONFIG_S_DRIVER_OK if !self.activate() => {
-                self.needs_reset = true;
-                self.interrupt.signal_config_change();
+                self.set_needs_reset();
                 return;
             }
             _ => {}
@@ -433,11 +481,11 @@ impl MmioTransport {
         let offered = self.device.avail_features() | (1 << VIRTIO_F_VERSION_1);
         let unknown = self.driver_features & !offered;
         if unknown != 0 {
-            log::warn!("virtio: driver accepted features {unknown:#x} that were not offered");
+            log::debug!("virtio: driver accepted features {unknown:#x} that were not offered");
             return false;
         }
         if self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0 {
-            log::warn!(
+            log::debug!(
                 "virtio: driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)"
             );
             return false;
@@ -452,7 +500,7 @@ impl MmioTransport {
             match cfg.build(&self.mem).filter(|_| cfg.ready) {
                 Some(q) => queues.push(q),
                 None => {
-                    log::warn!("virtio: DRIVER_OK with queue {i} not ready; device not started");
+                    log::debug!("virtio: DRIVER_OK with queue {i} not ready; device not started");
                     return false;
                 }
             }
@@ -468,7 +516,7 @@ impl MmioTransport {
                 true
             }
             Err(e) => {
-                log::error!("virtio: device activation failed: {e}");
+                log::debug!("virtio: device activation failed: {e}");
                 false
             }
         }
@@ -477,6 +525,7 @@ impl MmioTransport {
     /// Status 0: back to the state at creation.
     fn reset(&mut self) {
         if self.activated {
+            inc(&METRICS.virtio.active_resets);
             self.device.reset();
         }
         self.activated = false;
@@ -493,6 +542,28 @@ impl MmioTransport {
         // Kicks that arrived before the reset are for queues that no longer exist.
         for evt in &self.queue_evts {
             let _ = evt.read();
+        }
+    }
+}
+
+impl MmioTransport {
+    /// Whether a config-space access is well formed and within the device's space;
+    /// counts the ones that are not (beyond the end they still read as 0).
+    fn config_ok(&self, offset: u64, len: usize) -> bool {
+        let end = (CONFIG_SPACE_START as usize).saturating_add(self.device.config_len());
+        let within = offset
+            .checked_add(len as u64)
+            .is_some_and(|e| e <= end as u64);
+        if offset < CONFIG_SPACE_END && config_access(offset, len) {
+            if !within {
+                inc(&METRICS.virtio.config_out_of_range);
+                log::debug!("virtio: {len}-byte config access at {offset:#x} beyond its end");
+            }
+            true
+        } else {
+            inc(&METRICS.virtio.config_out_of_range);
+            log::debug!("virtio: ignored {len}-byte config access at {offset:#x}");
+            false
         }
     }
 }
@@ -514,9 +585,10 @@ impl BusDevice for MmioTransport {
             if register_access(offset, data.len()) {
                 data.copy_from_slice(&self.read_register(offset).to_le_bytes());
             } else {
+                inc(&METRICS.virtio.bad_register_accesses);
                 log::debug!("virtio: ignored {}-byte read at {offset:#x}", data.len());
             }
-        } else if offset < CONFIG_SPACE_END && config_access(offset, data.len()) {
+        } else if self.config_ok(offset, data.len()) {
             self.device.read_config(offset - CONFIG_SPACE_START, data);
         }
     }
@@ -524,41 +596,109 @@ impl BusDevice for MmioTransport {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset < CONFIG_SPACE_START {
             if !register_access(offset, data.len()) {
+                inc(&METRICS.virtio.bad_register_accesses);
                 log::debug!("virtio: ignored {}-byte write at {offset:#x}", data.len());
                 return;
             }
             let mut raw = [0u8; 4];
             raw.copy_from_slice(data);
             self.write_register(offset, u32::from_le_bytes(raw));
-        } else if offset < CONFIG_SPACE_END && config_access(offset, data.len()) {
+        } else if self.config_ok(offset, data.len()) {
             self.device.write_config(offset - CONFIG_SPACE_START, data);
         }
     }
 }
 
-/// Event-loop token of a kick on queue `i` is `i`; device event sources follow the queues.
+/// What an event on a transport's fds means: a kick on a queue, or one of the device's
+/// own sources. Encoded in the 32-bit epoll data by `to_data` / `from_data` only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    Queue(u16),
+    Device(u16),
+}
+
+impl Token {
+    const DEVICE: u32 = 1 << 16;
+
+    fn to_data(self) -> u32 {
+        match self {
+            Token::Queue(i) => u32::from(i),
+            Token::Device(s) => Token::DEVICE | u32::from(s),
+        }
+    }
+
+    fn from_data(data: u32) -> Option<Token> {
+        let low = u16::try_from(data & 0xffff).ok()?;
+        match data >> 16 {
+            0 => Some(Token::Queue(low)),
+            1 => Some(Token::Device(low)),
+            _ => None,
+        }
+    }
+}
+
+/// A device's view of the event loop: its fds tagged as its own sources.
+struct LoopInterest<'a, 'b> {
+    ops: &'a mut EventOps<'b>,
+}
+
+fn loop_error(e: event_manager::Error) -> std::io::Error {
+    std::io::Error::other(format!("{e:?}"))
+}
+
+impl Interest for LoopInterest<'_, '_> {
+    fn watch(&mut self, fd: RawFd, source: u16) -> std::io::Result<()> {
+        let data = Token::Device(source).to_data();
+        self.ops
+            .add(Events::with_data_raw(fd, data, EventSet::IN))
+            .map_err(loop_error)
+    }
+
+    fn unwatch(&mut self, fd: RawFd) -> std::io::Result<()> {
+        self.ops.remove(Events::empty_raw(fd)).map_err(loop_error)
+    }
+}
+
 impl MutEventSubscriber for MmioTransport {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let token = events.data() as usize;
-        let queues = self.queue_evts.len();
-        if let Some(evt) = self.queue_evts.get(token) {
-            // Non-blocking read: a spurious wakeup just finds nothing.
-            if evt.read().is_ok() {
-                self.process_queue(token);
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut interest = LoopInterest { ops };
+        match Token::from_data(events.data()) {
+            Some(Token::Queue(i)) => {
+                let Some(evt) = self.queue_evts.get(usize::from(i)) else {
+                    log::error!("virtio: event for queue {i}, which does not exist");
+                    return;
+                };
+                // Non-blocking read: a spurious wakeup just finds nothing. The value is
+                // the number of kicks since the last read.
+                if let Ok(kicks) = evt.read() {
+                    METRICS
+                        .virtio
+                        .queue_notifies
+                        .fetch_add(kicks, std::sync::atomic::Ordering::Relaxed);
+                    self.process_queue(usize::from(i), &mut interest);
+                }
             }
-        } else if token - queues < self.device.event_sources().len() {
-            self.device.process_event(token - queues);
-        } else {
-            log::warn!("virtio: event with unknown token {token}");
+            Some(Token::Device(s)) => self.process_event(s, &mut interest),
+            None => log::error!("virtio: event with unknown token {:#x}", events.data()),
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        let queue_fds = self.queue_evts.iter().map(|e| e.as_raw_fd());
-        let fds: Vec<_> = queue_fds.chain(self.device.event_sources()).collect();
-        for (token, fd) in fds.into_iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data_raw(fd, token as u32, EventSet::IN)) {
-                log::error!("virtio: cannot watch event source {token}: {e:?}");
+        let queues = self.queue_evts.iter().enumerate().map(|(i, e)| {
+            (
+                e.as_raw_fd(),
+                Token::Queue(u16::try_from(i).unwrap_or(u16::MAX)),
+            )
+        });
+        let sources = self
+            .device
+            .event_sources()
+            .into_iter()
+            .map(|(fd, s)| (fd, Token::Device(s)));
+        let all: Vec<_> = queues.chain(sources).collect();
+        for (fd, token) in all {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, token.to_data(), EventSet::IN)) {
+                log::error!("virtio: cannot watch event source {token:?}: {e:?}");
             }
         }
     }
@@ -589,6 +729,9 @@ mod tests {
         fn queue_max_sizes(&self) -> &[u16] {
             &[16]
         }
+        fn config_len(&self) -> usize {
+            8
+        }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             let cfg = 0x1122_3344_5566_7788u64.to_le_bytes();
             for (i, d) in data.iter_mut().enumerate() {
@@ -609,13 +752,38 @@ mod tests {
                 .push((acked_features, queues.len()));
             Ok(())
         }
-        fn process_queue(&mut self, index: usize) -> bool {
+        fn process_queue(&mut self, index: usize, _interest: &mut dyn Interest) -> Work {
             self.kicks.lock().unwrap().push(index);
-            false
+            Work::Done
         }
         fn reset(&mut self) {
             *self.resets.lock().unwrap() += 1;
         }
+    }
+
+    /// Tests run devices without an event loop.
+    struct NoLoop;
+
+    impl Interest for NoLoop {
+        fn watch(&mut self, _fd: RawFd, _source: u16) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn unwatch(&mut self, _fd: RawFd) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn tokens_round_trip() {
+        for t in [
+            Token::Queue(0),
+            Token::Queue(7),
+            Token::Device(0),
+            Token::Device(3),
+        ] {
+            assert_eq!(Token::from_data(t.to_data()), Some(t));
+        }
+        assert_eq!(Token::from_data(2 << 16), None);
     }
 
     /// A transport around a `Probe`, and a handle on what the probe records.
@@ -786,7 +954,7 @@ mod tests {
         wr(&mut t, REG_QUEUE_NUM, 4);
         assert_eq!(rd(&mut t, REG_QUEUE_NUM), 8);
         // Kicks before DRIVER_OK do nothing.
-        t.process_queue(0);
+        t.process_queue(0, &mut NoLoop);
         assert!(kicks.lock().unwrap().is_empty());
         wr(&mut t, REG_STATUS, FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK);
         assert_eq!(
@@ -801,7 +969,7 @@ mod tests {
         wr(&mut t, REG_QUEUE_NOTIFY, 0);
         assert_eq!(t.queue_evts()[0].read().unwrap(), 1);
         wr(&mut t, REG_QUEUE_NOTIFY, 5);
-        t.process_queue(0);
+        t.process_queue(0, &mut NoLoop);
         assert_eq!(*kicks.lock().unwrap(), vec![0]);
         // Queue registers after DRIVER_OK are ignored.
         wr(&mut t, REG_QUEUE_READY, 0);
@@ -810,7 +978,7 @@ mod tests {
         // FAILED stops the device serving kicks.
         let st = rd(&mut t, REG_STATUS);
         wr(&mut t, REG_STATUS, st | VIRTIO_CONFIG_S_FAILED);
-        t.process_queue(0);
+        t.process_queue(0, &mut NoLoop);
         assert_eq!(kicks.lock().unwrap().len(), 1);
 
         // Reset: initial state.

@@ -8,7 +8,9 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
-pub mod tap;
+pub mod queue;
+#[cfg(test)]
+pub mod testing;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use crate::vm::memory::GuestMemory;
 pub use block::Block;
 pub use mmio::MmioTransport;
 pub use net::Net;
+pub use queue::Work;
 
 /// InterruptStatus bit: the device used a buffer.
 pub const VIRTIO_MMIO_INT_VRING: u32 = 1;
@@ -57,9 +60,12 @@ pub enum VirtioError {
         source: kvm_ioctls::Error,
     },
     #[error("network interface `{id}`: {source}")]
-    Tap { id: String, source: tap::TapError },
-    #[error("cannot create an epoll instance for a network interface: {0}")]
-    Epoll(std::io::Error),
+    Tap {
+        id: String,
+        source: net::tap::TapError,
+    },
+    #[error("cannot create an eventfd for a network interface: {0}")]
+    NetEventFd(std::io::Error),
     #[error(transparent)]
     Bus(#[from] crate::devices::bus::OverlapError),
 }
@@ -132,6 +138,8 @@ pub trait VirtioDevice: Send {
     fn avail_features(&self) -> u64;
     /// Maximum size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
+    /// Bytes of configuration space (accesses beyond it are counted as guest errors).
+    fn config_len(&self) -> usize;
     /// Reads `data.len()` bytes of the configuration space at `offset`; bytes beyond the
     /// space read as 0.
     fn read_config(&self, offset: u64, data: &mut [u8]);
@@ -145,24 +153,55 @@ pub trait VirtioDevice: Send {
         interrupt: Arc<VirtioInterrupt>,
         acked_features: u64,
     ) -> Result<(), ActivateError>;
-    /// Handles a kick on queue `index`. Returns true if work is left (the drain was capped),
-    /// so the caller kicks again later instead of starving other devices.
-    fn process_queue(&mut self, index: usize) -> bool;
+    /// Handles a kick on queue `index` (on the event loop, which `interest` reaches).
+    /// `Work::More` when the drain was capped, so the caller kicks again later instead of
+    /// starving other devices; `Work::Broken` when the driver broke the ring.
+    fn process_queue(&mut self, index: usize, interest: &mut dyn Interest) -> Work;
     /// Back to the state before activation (driver wrote 0 to Status).
     fn reset(&mut self);
     /// Makes everything the device acknowledged durable (block: fdatasync).
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-    /// File descriptors besides the queue kicks the device wants watched (e.g. a tap).
-    fn event_sources(&self) -> Vec<RawFd> {
+    /// File descriptors besides the queue kicks the device wants watched from the start,
+    /// each with the source number `process_event` will get (e.g. a wake eventfd).
+    fn event_sources(&self) -> Vec<(RawFd, u16)> {
         Vec::new()
     }
-    /// One of `event_sources()` (by position) is readable.
-    fn process_event(&mut self, _source: usize) {}
+    /// Source `source` (from `event_sources` or `Interest::watch`) is readable.
+    fn process_event(&mut self, _source: u16, _interest: &mut dyn Interest) -> Work {
+        Work::Done
+    }
     /// Replaces the device's backing file (PATCH /drives after start). Returns whether the
     /// config space changed, so the transport can notify the driver.
     fn update_backing(&mut self, _path: &str) -> Result<bool, String> {
         Err("this device has no backing file".into())
     }
+}
+
+/// For host-side failures a guest can make recur on every request (a disk that fails
+/// writes, a TAP that refuses offloads): the first is logged as an error, later ones at
+/// debug level only, so a guest cannot flood the log; counters keep the count.
+#[derive(Debug, Default)]
+pub struct LogOnce(bool);
+
+impl LogOnce {
+    /// The level for the next report.
+    pub fn level(&mut self) -> log::Level {
+        if std::mem::replace(&mut self.0, true) {
+            log::Level::Debug
+        } else {
+            log::Level::Error
+        }
+    }
+}
+
+/// A device's own interest in the VMM thread's event loop: devices add and remove file
+/// descriptors they own (a TAP while RX can proceed) instead of running an epoll of their
+/// own. Only reachable on the event loop (from `process_queue` and `process_event`).
+pub trait Interest {
+    /// Watch `fd` for input; `process_event(source)` runs when it is readable.
+    fn watch(&mut self, fd: RawFd, source: u16) -> std::io::Result<()>;
+    /// Stop watching `fd`.
+    fn unwatch(&mut self, fd: RawFd) -> std::io::Result<()>;
 }

@@ -1,4 +1,4 @@
-//! virtio-blk backed by a host file, read and written with pread/pwrite (never mmap: a
+//! virtio-blk requests and the disk they reach: a host file, read and written with pread/pwrite (never mmap: a
 //! disk image the guest can reach through our address space is one bug away from a host
 //! memory corruption, and a truncated file would turn into SIGBUS).
 //!
@@ -18,13 +18,13 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory as _, Permissions};
 
-use super::{ActivateError, VirtioDevice, VirtioError, VirtioInterrupt};
 use crate::config::drive::{CacheType, DriveConfig};
+use crate::devices::virtio::queue::{self, Work};
+use crate::devices::virtio::{LogOnce, VirtioError};
 use crate::vm::memory::GuestMemory;
 
 pub const SECTOR_SHIFT: u32 = 9;
@@ -39,19 +39,21 @@ const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 const CHUNK: usize = 64 * 1024;
 /// virtio_blk_config: capacity (u64), size_max (u32), seg_max (u32), geometry (4 bytes),
 /// blk_size (u32).
-const CONFIG_LEN: usize = 24;
+pub const CONFIG_LEN: usize = 24;
 
 /// The backing file and what the device says about it; the part of the device that
 /// handles requests, testable without a transport.
 pub struct Disk {
     id: String,
-    file: File,
+    pub(super) file: File,
     read_only: bool,
     cache_type: CacheType,
     /// Size in 512-byte sectors (a partial last sector is not exposed).
-    capacity: u64,
+    pub(super) capacity: u64,
     buf: Vec<u8>,
-    metrics: Arc<BlockMetrics>,
+    pub(super) metrics: Arc<BlockMetrics>,
+    /// Host I/O failures recur on every request the guest repeats: logged loudly once.
+    io_log: LogOnce,
 }
 
 /// Per-drive counters, in the metrics output as `block_<drive_id>` (Firecracker's name).
@@ -64,10 +66,13 @@ pub struct BlockMetrics {
     pub flush_count: AtomicU64,
     /// Requests that completed with IOERR or UNSUPP (malformed, out of range, refused).
     pub failed_requests: AtomicU64,
+    /// Chains returned unanswered: no writable status byte, a loop, more descriptors
+    /// than the queue holds.
+    pub invalid_chains: AtomicU64,
 }
 
 impl BlockMetrics {
-    fn json(&self) -> serde_json::Value {
+    pub fn json(&self) -> serde_json::Value {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         serde_json::json!({
             "read_count": g(&self.read_count),
@@ -76,6 +81,7 @@ impl BlockMetrics {
             "write_bytes": g(&self.write_bytes),
             "flush_count": g(&self.flush_count),
             "failed_requests": g(&self.failed_requests),
+            "invalid_chains": g(&self.invalid_chains),
         })
     }
 
@@ -170,7 +176,7 @@ impl Disk {
     }
 
     /// The same drive on another file (PATCH /drives after start).
-    fn reopen(&self, path: &str) -> Result<Disk, VirtioError> {
+    pub(super) fn reopen(&self, path: &str) -> Result<Disk, VirtioError> {
         let (file, sectors) = open_backing(&self.id, path, self.read_only)?;
         Ok(Disk::from_file(
             file,
@@ -196,6 +202,7 @@ impl Disk {
             capacity,
             buf: Vec::new(),
             metrics: Arc::default(),
+            io_log: LogOnce::default(),
         }
     }
 
@@ -216,7 +223,7 @@ impl Disk {
         f
     }
 
-    fn config_space(&self) -> [u8; CONFIG_LEN] {
+    pub(super) fn config_space(&self) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];
         c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
@@ -235,11 +242,13 @@ impl Disk {
     /// Drains `queue`: at most one queue's worth of chains, so a driver that refills the
     /// ring as fast as we drain it cannot keep the event loop here. Returns (chains
     /// completed, work left).
-    pub fn process_queue(&mut self, mem: &GuestMemory, queue: &mut Queue) -> (u32, bool) {
+    pub fn process_queue(&mut self, mem: &GuestMemory, queue: &mut Queue) -> (u32, Work) {
         let mut done = 0u32;
         for _ in 0..queue.size() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                return (done, false);
+            let chain = match queue::pop(queue, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => return (done, Work::Done),
+                Err(queue::BrokenRing) => return (done, Work::Broken),
             };
             let head = chain.head_index();
             // One more than a chain may hold, to tell a long chain from a full one.
@@ -254,11 +263,7 @@ impl Disk {
             done += 1;
         }
         // The cap was reached: tell the caller whether the driver left more behind.
-        let more = queue
-            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-            .map(|idx| idx.0 != queue.next_avail())
-            .unwrap_or(false);
-        (done, more)
+        (done, queue::left(queue, mem))
     }
 
     /// Runs one request; returns the bytes written into the chain (for the used entry).
@@ -275,6 +280,7 @@ impl Disk {
             .filter(|a| mem.check_range(*a, 1, Permissions::Write));
         let Some(status_addr) = status_addr else {
             // Debug, not warn: a hostile guest could otherwise flood the log.
+            self.metrics.invalid_chains.fetch_add(1, Ordering::Relaxed);
             log::debug!(
                 "virtio-blk `{}`: request without a writable status byte{}; dropped",
                 self.id,
@@ -424,7 +430,12 @@ impl Disk {
             file.read_exact_at(buf, at).is_ok() && mem.write_slice(buf, addr).is_ok()
         });
         if !ok {
-            log::warn!("virtio-blk `{}`: read at byte {offset} failed", self.id);
+            let level = self.io_log.level();
+            log::log!(
+                level,
+                "virtio-blk `{}`: read at byte {offset} failed",
+                self.id
+            );
             return IOERR;
         }
         Outcome {
@@ -448,7 +459,12 @@ impl Disk {
             mem.read_slice(buf, addr).is_ok() && file.write_all_at(buf, at).is_ok()
         });
         if !ok {
-            log::warn!("virtio-blk `{}`: write at byte {offset} failed", self.id);
+            let level = self.io_log.level();
+            log::log!(
+                level,
+                "virtio-blk `{}`: write at byte {offset} failed",
+                self.id
+            );
             return IOERR;
         }
         Outcome::status(VIRTIO_BLK_S_OK)
@@ -461,7 +477,8 @@ impl Disk {
             CacheType::Writeback => match self.flush() {
                 Ok(()) => Outcome::status(VIRTIO_BLK_S_OK),
                 Err(e) => {
-                    log::error!("virtio-blk `{}`: fdatasync failed: {e}", self.id);
+                    let level = self.io_log.level();
+                    log::log!(level, "virtio-blk `{}`: fdatasync failed: {e}", self.id);
                     IOERR
                 }
             },
@@ -497,117 +514,6 @@ impl Disk {
     }
 }
 
-struct Active {
-    mem: GuestMemory,
-    queue: Queue,
-    interrupt: Arc<VirtioInterrupt>,
-}
-
-/// The virtio-blk device: a disk and, once the driver started it, its queue.
-pub struct Block {
-    disk: Disk,
-    config: [u8; CONFIG_LEN],
-    active: Option<Active>,
-}
-
-impl Block {
-    pub fn new(drive: &DriveConfig) -> Result<Block, VirtioError> {
-        let disk = Disk::open(drive)?;
-        let metrics = disk.metrics.clone();
-        let key = format!("block_{}", drive.drive_id);
-        crate::metrics::register_section(Box::new(move || (key.clone(), metrics.json())));
-        Ok(Block::from_disk(disk))
-    }
-
-    pub fn from_disk(disk: Disk) -> Block {
-        Block {
-            config: disk.config_space(),
-            disk,
-            active: None,
-        }
-    }
-}
-
-impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.disk.features()
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, d) in data.iter_mut().enumerate() {
-            let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
-            *d = at.and_then(|a| self.config.get(a)).copied().unwrap_or(0);
-        }
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        log::debug!("virtio-blk: config write at {offset:#x} ignored (nothing is writable)");
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        queues: Vec<Queue>,
-        interrupt: Arc<VirtioInterrupt>,
-        _acked_features: u64,
-    ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let got = queues.len();
-        let Some(queue) = queues.into_iter().next().filter(|_| got == 1) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        self.active = Some(Active {
-            mem,
-            queue,
-            interrupt,
-        });
-        Ok(())
-    }
-
-    fn process_queue(&mut self, index: usize) -> bool {
-        let Some(active) = self.active.as_mut().filter(|_| index == 0) else {
-            return false;
-        };
-        let (done, more) = self.disk.process_queue(&active.mem, &mut active.queue);
-        if done > 0 && active.queue.needs_notification(&active.mem).unwrap_or(true) {
-            active.interrupt.signal_used_queue();
-        }
-        more
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.disk.flush()
-    }
-
-    fn update_backing(&mut self, path: &str) -> Result<bool, String> {
-        let new = Disk::reopen(&self.disk, path).map_err(|e| e.to_string())?;
-        // What the guest wrote to the old file stays there.
-        self.disk
-            .flush()
-            .map_err(|e| format!("cannot flush the old backing file: {e}"))?;
-        self.disk.file = new.file;
-        self.disk.capacity = new.capacity;
-        let config = self.disk.config_space();
-        let changed = config != self.config;
-        self.config = config;
-        Ok(changed)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -616,61 +522,35 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
+    use crate::devices::virtio::VirtioDevice;
+    use crate::devices::virtio::block::Block;
+    use crate::devices::virtio::testing::{TestQueue, memory};
 
-    const DESC_TABLE: u64 = 0x1000;
-    const AVAIL: u64 = 0x2000;
-    const USED: u64 = 0x3000;
     const HDR: u64 = 0x4000;
     const DATA: u64 = 0x10000;
     const STATUS: u64 = 0x5000;
     const MEM_SIZE: u64 = 0x10_0000;
     const QSIZE: u16 = 16;
 
-    /// A minimal driver: writes descriptor chains and avail entries into guest memory.
+    /// The shared test driver on one queue at 0x1000, with blk requests on top.
     struct Driver {
         mem: GuestMemory,
-        queue: Queue,
-        avail_idx: u16,
+        vq: TestQueue,
     }
 
     impl Driver {
         fn new() -> Driver {
-            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-            let mut queue = Queue::new(QSIZE).unwrap();
-            queue
-                .try_set_desc_table_address(GuestAddress(DESC_TABLE))
-                .unwrap();
-            queue
-                .try_set_avail_ring_address(GuestAddress(AVAIL))
-                .unwrap();
-            queue.try_set_used_ring_address(GuestAddress(USED)).unwrap();
-            queue.set_ready(true);
-            assert!(queue.is_valid(&mem));
-            Driver {
-                mem,
-                queue,
-                avail_idx: 0,
-            }
+            let mem = memory(MEM_SIZE as usize);
+            let vq = TestQueue::new(&mem, 0x1000, QSIZE);
+            Driver { mem, vq }
         }
 
         fn desc(&self, index: u16, addr: u64, len: u32, flags: u32, next: u16) {
-            let d = DESC_TABLE + u64::from(index) * 16;
-            let m = &self.mem;
-            m.write_obj(addr, GuestAddress(d)).unwrap();
-            m.write_obj(len, GuestAddress(d + 8)).unwrap();
-            m.write_obj(flags as u16, GuestAddress(d + 12)).unwrap();
-            m.write_obj(next, GuestAddress(d + 14)).unwrap();
+            self.vq.desc(&self.mem, index, addr, len, flags, next);
         }
 
         fn publish(&mut self, head: u16) {
-            let slot = u64::from(self.avail_idx % QSIZE);
-            self.mem
-                .write_obj(head, GuestAddress(AVAIL + 4 + slot * 2))
-                .unwrap();
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-            self.mem
-                .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
-                .unwrap();
+            self.vq.publish(&self.mem, head);
         }
 
         /// header + optional data + status, at descriptors 0, 1, 2.
@@ -699,19 +579,15 @@ mod tests {
 
         /// (id, len) of used entry `i`.
         fn used(&self, i: u16) -> (u32, u32) {
-            let e = USED + 4 + u64::from(i % QSIZE) * 8;
-            (
-                self.mem.read_obj(GuestAddress(e)).unwrap(),
-                self.mem.read_obj(GuestAddress(e + 4)).unwrap(),
-            )
+            self.vq.used(&self.mem, i)
         }
 
         fn used_idx(&self) -> u16 {
-            self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+            self.vq.used_idx(&self.mem)
         }
 
-        fn run(&mut self, disk: &mut Disk) -> (u32, bool) {
-            disk.process_queue(&self.mem, &mut self.queue)
+        fn run(&mut self, disk: &mut Disk) -> (u32, Work) {
+            disk.process_queue(&self.mem, &mut self.vq.queue)
         }
     }
 
@@ -781,7 +657,7 @@ mod tests {
         let (mut d, f) = disk(8, false, CacheType::Writeback);
         let mut drv = Driver::new();
         drv.request(VIRTIO_BLK_T_IN, 2, 1024, true);
-        assert_eq!(drv.run(&mut d), (1, false));
+        assert_eq!(drv.run(&mut d), (1, Work::Done));
         assert_eq!(drv.status(), OK);
         assert_eq!(drv.used(0), (0, 1025));
         let mut got = vec![0u8; 1024];
@@ -792,7 +668,7 @@ mod tests {
         let data: Vec<u8> = (0..512).map(|i| (i % 7) as u8).collect();
         drv.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
         drv.request(VIRTIO_BLK_T_OUT, 7, 512, false);
-        assert_eq!(drv.run(&mut d), (1, false));
+        assert_eq!(drv.run(&mut d), (1, Work::Done));
         assert_eq!(drv.status(), OK);
         assert_eq!(drv.used(1), (0, 1));
         let host = std::fs::read(&f.0).unwrap();
@@ -970,16 +846,13 @@ mod tests {
         for _ in 1..QSIZE {
             drv.publish(0);
         }
-        assert_eq!(drv.run(&mut d), (QSIZE as u32, false));
+        assert_eq!(drv.run(&mut d), (QSIZE as u32, Work::Done));
         assert_eq!(drv.used_idx(), QSIZE);
-        assert_eq!(drv.run(&mut d), (0, false));
-        // A driver claiming more entries than the ring holds: nothing is processed.
-        drv.mem
-            .write_obj(
-                drv.avail_idx.wrapping_add(QSIZE + 1),
-                GuestAddress(AVAIL + 2),
-            )
-            .unwrap();
-        assert_eq!(drv.run(&mut d), (0, false));
+        assert_eq!(drv.run(&mut d), (0, Work::Done));
+        // A driver claiming more entries than the ring holds: nothing is processed, and
+        // the device reports the ring broken (the transport then sets NEEDS_RESET).
+        drv.vq
+            .set_avail_idx(&drv.mem, drv.vq.avail_idx.wrapping_add(QSIZE + 1));
+        assert_eq!(drv.run(&mut d), (0, Work::Broken));
     }
 }

@@ -1,0 +1,130 @@
+//! The virtio-blk device: feature bits, config space and the one request queue, glued to
+//! a [`Disk`] that parses requests and moves their bytes (see `disk.rs`).
+
+mod disk;
+
+use std::sync::Arc;
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{Queue, QueueT};
+
+pub use disk::{BlockMetrics, CONFIG_LEN, Disk, QUEUE_SIZE, SECTOR_SHIFT, SECTOR_SIZE};
+
+use super::{ActivateError, Interest, VirtioDevice, VirtioError, VirtioInterrupt, Work};
+use crate::config::drive::DriveConfig;
+use crate::vm::memory::GuestMemory;
+
+struct Active {
+    mem: GuestMemory,
+    queue: Queue,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+/// The virtio-blk device: a disk and, once the driver started it, its queue.
+pub struct Block {
+    disk: Disk,
+    config: [u8; CONFIG_LEN],
+    active: Option<Active>,
+}
+
+impl Block {
+    pub fn new(drive: &DriveConfig) -> Result<Block, VirtioError> {
+        let disk = Disk::open(drive)?;
+        let metrics = disk.metrics.clone();
+        let key = format!("block_{}", drive.drive_id);
+        crate::metrics::register_section(Box::new(move || (key.clone(), metrics.json())));
+        Ok(Block::from_disk(disk))
+    }
+
+    pub fn from_disk(disk: Disk) -> Block {
+        Block {
+            config: disk.config_space(),
+            disk,
+            active: None,
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.disk.features()
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn config_len(&self) -> usize {
+        CONFIG_LEN
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, d) in data.iter_mut().enumerate() {
+            let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
+            *d = at.and_then(|a| self.config.get(a)).copied().unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        log::debug!("virtio-blk: config write at {offset:#x} ignored (nothing is writable)");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+        _acked_features: u64,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let got = queues.len();
+        let Some(queue) = queues.into_iter().next().filter(|_| got == 1) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        self.active = Some(Active {
+            mem,
+            queue,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize, _interest: &mut dyn Interest) -> Work {
+        let Some(active) = self.active.as_mut().filter(|_| index == 0) else {
+            return Work::Done;
+        };
+        let (done, work) = self.disk.process_queue(&active.mem, &mut active.queue);
+        if done > 0 && active.queue.needs_notification(&active.mem).unwrap_or(true) {
+            active.interrupt.signal_used_queue();
+        }
+        work
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.disk.flush()
+    }
+
+    fn update_backing(&mut self, path: &str) -> Result<bool, String> {
+        let new = Disk::reopen(&self.disk, path).map_err(|e| e.to_string())?;
+        // What the guest wrote to the old file stays there.
+        self.disk
+            .flush()
+            .map_err(|e| format!("cannot flush the old backing file: {e}"))?;
+        self.disk.file = new.file;
+        self.disk.capacity = new.capacity;
+        let config = self.disk.config_space();
+        let changed = config != self.config;
+        self.config = config;
+        Ok(changed)
+    }
+}
