@@ -27,6 +27,7 @@ const GUEST_SOURCES: &[&str] = &[
     "net.c",
     "blkbench.c",
     "netbench.c",
+    "hostile.c",
 ];
 const GUEST_OTHER_INPUTS: &[&str] = &["guest.h", "virtio.h", "guest.ld"];
 const GUEST_IMAGE: &str = "ember-test-guest";

@@ -105,6 +105,14 @@ void virtio_test_all(const char *cmdline, uint32_t device_id);
 void virtio_for_each(const char *cmdline, uint32_t device_id, const char *tag,
 		     void (*run)(uint64_t base, const char *cmdline));
 
+/* The base addresses of up to `max` virtio-mmio devices with ID `device_id` named on
+ * the command line, in command-line order; returns how many were found. */
+int virtio_find(const char *cmdline, uint32_t device_id, uint64_t *bases, int max);
+/* End of the highest RAM entry below 4 GiB in the e820 map (set by main.c). */
+extern uint64_t low_ram_end;
+/* hostile.c: attacks on the devices (README.md). */
+void hostile_run(const char *cmdline);
+
 /* blk.c, net.c: one device each, already probed (magic, version, device ID). */
 void blk_test(uint64_t base);
 void net_test(uint64_t base);

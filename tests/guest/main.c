@@ -24,6 +24,7 @@
 #define MODE_FLOOD (1u << 6)
 #define MODE_BLKBENCH (1u << 7)
 #define MODE_NETBENCH (1u << 8)
+#define MODE_HOSTILE (1u << 9)
 
 /* Where no device lives in ember: an I/O port (QEMU's fw_cfg, absent in ember) and a
  * page inside the MMIO gap above the virtio windows. Both must read as all ones. */
@@ -39,6 +40,7 @@
 
 void guest_main(const uint8_t *boot_params);
 
+uint64_t low_ram_end;
 static char cmdline[CMDLINE_MAX] NOINIT; /* always NUL-terminated by copy_cmdline */
 
 /* Our own page tables: a copy of the boot PML4 (which keeps the low 4 GiB mapped through
@@ -89,6 +91,7 @@ static unsigned parse_modes(void)
 		{"basic", MODE_BASIC}, {"triplefault", MODE_TRIPLEFAULT}, {"counter", MODE_COUNTER},
 		{"boottimer", MODE_BOOTTIMER}, {"blk", MODE_BLK}, {"net", MODE_NET},
 		{"flood", MODE_FLOOD}, {"blkbench", MODE_BLKBENCH}, {"netbench", MODE_NETBENCH},
+		{"hostile", MODE_HOSTILE},
 	};
 	unsigned modes = 0;
 	const char *p = NULL;
@@ -201,6 +204,8 @@ static uint64_t report_e820(const uint8_t *bp)
 		if (type != E820_RAM)
 			continue;
 		ram += size;
+		if (end <= (1ull << 32) && end > low_ram_end)
+			low_ram_end = end;
 		uint64_t page = (end & ~(PAGE_SIZE - 1)) - PAGE_SIZE;
 		if (end > best_end && end >= PAGE_SIZE && page >= addr) {
 			best_end = end;
@@ -409,6 +414,8 @@ void guest_main(const uint8_t *boot_params)
 		virtio_for_each(cmdline, 2, "blk-bench", blk_bench);
 	if (modes & MODE_NETBENCH)
 		virtio_for_each(cmdline, 1, "net-bench", net_bench);
+	if (modes & MODE_HOSTILE)
+		hostile_run(cmdline);
 	if (modes & MODE_COUNTER)
 		counter_loop();
 	puts_serial("ember-test-guest: done\n");

@@ -183,6 +183,22 @@ void virtio_for_each(const char *cmdline, uint32_t device_id, const char *tag,
 		kprintf("%s: no device\n", tag);
 }
 
+int virtio_find(const char *cmdline, uint32_t device_id, uint64_t *bases, int max)
+{
+	int n = 0;
+	const char *p = NULL;
+	while (n < max && (p = cmdline_find(cmdline, p, "virtio_mmio.device=")) != NULL) {
+		uint64_t base;
+		if (!parse_device(p, &base) || base < (1ull << 20) || base >= (1ull << 32) - 0x1000)
+			continue;
+		if (mmio_read32(base + VIRTIO_MMIO_MAGIC) == VIRTIO_MMIO_MAGIC_VALUE &&
+		    mmio_read32(base + VIRTIO_MMIO_VERSION) == 2 &&
+		    mmio_read32(base + VIRTIO_MMIO_DEVICE_ID) == device_id)
+			bases[n++] = base;
+	}
+	return n;
+}
+
 static void run_blk_test(uint64_t base, const char *cmdline)
 {
 	(void)cmdline;

@@ -296,7 +296,10 @@ impl Disk {
             (Some(header), Some(data)) if descs.len() >= 2 => {
                 self.handle_request(mem, header, data)
             }
-            _ => IOERR,
+            _ => {
+                self.metrics.failed_requests.fetch_add(1, Ordering::Relaxed);
+                IOERR
+            }
         };
         if mem.write_obj(outcome.status, status_addr).is_err() {
             return 0;
@@ -310,12 +313,13 @@ impl Disk {
         header: &Descriptor,
         data: &[Descriptor],
     ) -> Outcome {
-        if header.is_write_only() || header.len() < HEADER_LEN {
-            log::debug!("virtio-blk `{}`: bad request header descriptor", self.id);
-            return IOERR;
-        }
         let mut raw = [0u8; HEADER_LEN as usize];
-        if mem.read_slice(&mut raw, header.addr()).is_err() {
+        if header.is_write_only()
+            || header.len() < HEADER_LEN
+            || mem.read_slice(&mut raw, header.addr()).is_err()
+        {
+            log::debug!("virtio-blk `{}`: bad request header descriptor", self.id);
+            self.metrics.failed_requests.fetch_add(1, Ordering::Relaxed);
             return IOERR;
         }
         let (type_bytes, rest) = raw.split_at(4);
