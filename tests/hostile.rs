@@ -49,7 +49,7 @@ fn attack(
             r#", "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "{tap}"}}]"#
         ));
     }
-    let mut args = format!("console=ttyS0 ember_test=hostile");
+    let mut args = "console=ttyS0 ember_test=hostile".to_string();
     if !attacks.is_empty() {
         args.push_str(&format!(" ember_hostile={attacks}"));
     }
