@@ -5,6 +5,7 @@
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 
 use crate::vm::memory::GuestMemory;
@@ -69,10 +70,74 @@ pub fn left(queue: &Queue, mem: &GuestMemory) -> Work {
     }
 }
 
+/// What a walk over a chain's descriptors found. virtio-queue's `Reader` and `Writer`
+/// each follow one direction and end silently at a loop or a bad next index, so a device
+/// checks the shape of a chain before it moves any bytes through them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub readable: usize,
+    pub writable: usize,
+    /// A device-readable descriptor after a device-writable one (virtio 1.2 §2.7.4.2).
+    pub misordered: bool,
+    /// More than `max` descriptors, or a last one that still points on: a loop or a
+    /// next index outside the table.
+    pub truncated: bool,
+}
+
+/// Walks at most `max` + 1 descriptors of `chain`.
+pub fn shape(chain: impl Iterator<Item = Descriptor>, max: usize) -> Shape {
+    let mut s = Shape::default();
+    let mut count = 0usize;
+    let mut dangling = false;
+    for d in chain.take(max.saturating_add(1)) {
+        count += 1;
+        if d.is_write_only() {
+            s.writable += 1;
+        } else {
+            s.readable += 1;
+            s.misordered |= s.writable > 0;
+        }
+        dangling = d.has_next();
+    }
+    s.truncated = count > max || dangling;
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::devices::virtio::testing::{TestQueue, memory};
+
+    #[test]
+    fn chain_shapes() {
+        use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        let (n, w) = (VRING_DESC_F_NEXT, VRING_DESC_F_WRITE);
+        let mem = memory(0x10_0000);
+        let mut q = TestQueue::new(&mem, 0x1000, 8);
+        let walk = |q: &mut TestQueue, head| {
+            q.publish(&mem, head);
+            let chain = pop(&mut q.queue, &mem).unwrap().unwrap();
+            shape(chain, 8)
+        };
+        q.desc(&mem, 0, 0x8000, 16, n, 1);
+        q.desc(&mem, 1, 0x9000, 16, w, 0);
+        let ok = Shape {
+            readable: 1,
+            writable: 1,
+            ..Shape::default()
+        };
+        assert_eq!(walk(&mut q, 0), ok);
+        // Writable, then readable.
+        q.desc(&mem, 2, 0x9000, 16, n | w, 3);
+        q.desc(&mem, 3, 0x8000, 16, 0, 0);
+        assert!(walk(&mut q, 2).misordered);
+        // A loop, and a next index past the table.
+        q.desc(&mem, 4, 0x8000, 16, n, 5);
+        q.desc(&mem, 5, 0x8000, 16, n, 4);
+        assert!(walk(&mut q, 4).truncated);
+        q.desc(&mem, 6, 0x8000, 16, n, 8);
+        assert!(walk(&mut q, 6).truncated);
+    }
 
     #[test]
     fn avail_index_is_checked() {

@@ -7,7 +7,7 @@
 //! once `flush` (fdatasync) has run; the VMM calls it on every exit path.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,9 +18,8 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory as _, Permissions};
+use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use vm_memory::{Address, Bytes, GuestMemory as _, Permissions};
 
 use crate::config::drive::{CacheType, DriveConfig};
 use crate::devices::virtio::queue::{self, Work};
@@ -251,9 +250,7 @@ impl Disk {
                 Err(queue::BrokenRing) => return (done, Work::Broken),
             };
             let head = chain.head_index();
-            // One more than a chain may hold, to tell a long chain from a full one.
-            let descs: Vec<Descriptor> = chain.take(usize::from(queue.size()) + 1).collect();
-            let written = self.handle_chain(mem, &descs, usize::from(queue.size()));
+            let written = self.handle_chain(mem, chain, usize::from(queue.size()));
             if let Err(e) = queue.add_used(mem, head, written) {
                 log::debug!(
                     "virtio-blk `{}`: cannot complete chain {head}: {e}",
@@ -267,15 +264,20 @@ impl Disk {
     }
 
     /// Runs one request; returns the bytes written into the chain (for the used entry).
-    fn handle_chain(&mut self, mem: &GuestMemory, descs: &[Descriptor], max_len: usize) -> u32 {
-        // A chain that still points onward after `max_len` descriptors loops or is too
-        // long; one whose last descriptor points onward ended at a bad index.
-        let truncated = descs.len() > max_len || descs.last().is_some_and(|d| d.has_next());
-        let status_desc = descs
+    fn handle_chain(
+        &mut self,
+        mem: &GuestMemory,
+        chain: DescriptorChain<&GuestMemory>,
+        max_len: usize,
+    ) -> u32 {
+        let shape = queue::shape(chain.clone(), max_len);
+        // The status byte is the last byte of the chain; a looping or over-long chain
+        // has no last descriptor.
+        let status_addr = chain
+            .clone()
+            .take(max_len)
             .last()
-            .filter(|d| !truncated && d.is_write_only() && d.len() >= 1);
-        // The status byte is the last byte of the chain.
-        let status_addr = status_desc
+            .filter(|d| !shape.truncated && d.is_write_only() && d.len() >= 1)
             .and_then(|d| d.addr().checked_add(u64::from(d.len()) - 1))
             .filter(|a| mem.check_range(*a, 1, Permissions::Write));
         let Some(status_addr) = status_addr else {
@@ -284,7 +286,7 @@ impl Disk {
             log::debug!(
                 "virtio-blk `{}`: request without a writable status byte{}; dropped",
                 self.id,
-                if truncated {
+                if shape.truncated {
                     " (looping or over-long chain)"
                 } else {
                     ""
@@ -292,14 +294,10 @@ impl Disk {
             );
             return 0;
         };
-        let outcome = match (descs.first(), descs.get(1..descs.len().saturating_sub(1))) {
-            (Some(header), Some(data)) if descs.len() >= 2 => {
-                self.handle_request(mem, header, data)
-            }
-            _ => {
-                self.metrics.failed_requests.fetch_add(1, Ordering::Relaxed);
-                IOERR
-            }
+        let outcome = if shape.readable == 0 || shape.misordered {
+            self.refuse("the header is not device-readable, or follows writable buffers")
+        } else {
+            self.handle_request(mem, chain)
         };
         if mem.write_obj(outcome.status, status_addr).is_err() {
             return 0;
@@ -307,69 +305,73 @@ impl Disk {
         outcome.written.saturating_add(1)
     }
 
+    /// A request that fails with IOERR, counted and logged at debug level.
+    fn refuse(&self, why: &str) -> Outcome {
+        log::debug!("virtio-blk `{}`: {why}", self.id);
+        self.metrics.failed_requests.fetch_add(1, Ordering::Relaxed);
+        IOERR
+    }
+
+    /// Header, then data, then status, through virtio-queue's `Reader` (the readable
+    /// part: header and written data) and `Writer` (the writable part: read data and the
+    /// status byte, which `handle_chain` writes). Both refuse buffers outside guest
+    /// memory and lengths that overflow.
     fn handle_request(
         &mut self,
         mem: &GuestMemory,
-        header: &Descriptor,
-        data: &[Descriptor],
+        chain: DescriptorChain<&GuestMemory>,
     ) -> Outcome {
+        let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
+            (Ok(r), Ok(w)) => (r, w),
+            _ => return self.refuse("a buffer lies outside guest memory"),
+        };
         let mut raw = [0u8; HEADER_LEN as usize];
-        if header.is_write_only()
-            || header.len() < HEADER_LEN
-            || mem.read_slice(&mut raw, header.addr()).is_err()
-        {
-            log::debug!("virtio-blk `{}`: bad request header descriptor", self.id);
-            self.metrics.failed_requests.fetch_add(1, Ordering::Relaxed);
-            return IOERR;
+        if reader.read_exact(&mut raw).is_err() {
+            return self.refuse("the request header is short");
+        }
+        // Everything the device writes before the status byte.
+        let Some(data_len) = writer.available_bytes().checked_sub(1) else {
+            return self.refuse("no status byte");
+        };
+        if writer.split_at(data_len).is_err() {
+            return self.refuse("no status byte");
         }
         let (type_bytes, rest) = raw.split_at(4);
         let sector_bytes = rest.get(4..12).unwrap_or_default();
         let req_type = u32::from_le_bytes(type_bytes.try_into().unwrap_or_default());
         let sector = u64::from_le_bytes(sector_bytes.try_into().unwrap_or_default());
+        let device_writes = matches!(req_type, VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID);
+        let (wrong_way, bytes) = if device_writes {
+            (reader.available_bytes(), data_len)
+        } else {
+            (data_len, reader.available_bytes())
+        };
+        if wrong_way != 0
+            && matches!(
+                req_type,
+                VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_GET_ID
+            )
+        {
+            return self.refuse("a data buffer has the wrong direction");
+        }
         let outcome = match req_type {
-            VIRTIO_BLK_T_IN => self.read(mem, sector, data),
-            VIRTIO_BLK_T_OUT => self.write(mem, sector, data),
+            VIRTIO_BLK_T_IN => self.read(sector, &mut writer),
+            VIRTIO_BLK_T_OUT => self.write(sector, &mut reader),
             VIRTIO_BLK_T_FLUSH => self.flush_request(),
-            VIRTIO_BLK_T_GET_ID => self.get_id(mem, data),
+            VIRTIO_BLK_T_GET_ID => self.get_id(&mut writer),
             other => {
                 log::debug!("virtio-blk `{}`: unsupported request type {other}", self.id);
                 Outcome::status(VIRTIO_BLK_S_UNSUPP)
             }
         };
-        let bytes = data.iter().map(|d| u64::from(d.len())).sum();
-        self.metrics.record(req_type, outcome.status, bytes);
+        self.metrics.record(req_type, outcome.status, bytes as u64);
         outcome
     }
 
-    /// Checks the data segments of a read or write: direction, guest addresses, a whole
-    /// number of sectors within the disk. Returns the byte offset in the file and length.
-    fn check_data(
-        &self,
-        mem: &GuestMemory,
-        sector: u64,
-        data: &[Descriptor],
-        device_writes: bool,
-    ) -> Option<(u64, u64)> {
-        let access = if device_writes {
-            Permissions::Write
-        } else {
-            Permissions::Read
-        };
-        let mut total = 0u64;
-        for d in data {
-            if d.is_write_only() != device_writes {
-                log::debug!(
-                    "virtio-blk `{}`: data descriptor has the wrong direction",
-                    self.id
-                );
-                return None;
-            }
-            if !mem.check_range(d.addr(), d.len() as usize, access) {
-                log::debug!("virtio-blk `{}`: data buffer outside guest RAM", self.id);
-                return None;
-            }
-            total += u64::from(d.len());
-        }
+    /// The byte offset in the file of `bytes` from `sector` on, if they are whole
+    /// sectors within the disk.
+    fn check_range(&self, sector: u64, bytes: usize) -> Option<u64> {
+        let total = bytes as u64;
         if !total.is_multiple_of(SECTOR_SIZE) {
             log::debug!(
                 "virtio-blk `{}`: {total} bytes is not a whole number of sectors",
@@ -386,7 +388,7 @@ impl Disk {
             );
             return None;
         }
-        Some((sector << SECTOR_SHIFT, total))
+        Some(sector << SECTOR_SHIFT)
     }
 
     /// Allocates the bounce buffer on first use (idle drives cost no memory).
@@ -396,51 +398,28 @@ impl Disk {
         }
     }
 
-    /// Moves the bytes of `data` between guest memory and the file from `offset` on,
-    /// through the bounce buffer: `step(file, buf, guest_addr, file_offset)` moves one
-    /// chunk. False if any chunk failed.
-    fn transfer(
-        &mut self,
-        data: &[Descriptor],
-        mut offset: u64,
-        step: impl Fn(&File, &mut [u8], GuestAddress, u64) -> bool,
-    ) -> bool {
-        self.chunk_buf();
-        for d in data {
-            let mut done = 0usize;
-            let len = d.len() as usize;
-            while done < len {
-                let n = (len - done).min(CHUNK);
-                let buf = self.buf.get_mut(..n).unwrap_or_default();
-                let ok = d
-                    .addr()
-                    .checked_add(done as u64)
-                    .is_some_and(|a| step(&self.file, buf, a, offset));
-                if !ok {
-                    return false;
-                }
-                done += n;
-                offset += n as u64;
-            }
-        }
-        true
-    }
-
-    fn read(&mut self, mem: &GuestMemory, sector: u64, data: &[Descriptor]) -> Outcome {
-        let Some((offset, total)) = self.check_data(mem, sector, data, true) else {
+    /// Reads from the file into the chain's data buffers, a chunk at a time.
+    fn read(&mut self, sector: u64, writer: &mut Writer) -> Outcome {
+        let total = writer.available_bytes();
+        let Some(mut offset) = self.check_range(sector, total) else {
             return IOERR;
         };
-        let ok = self.transfer(data, offset, |file, buf, addr, at| {
-            file.read_exact_at(buf, at).is_ok() && mem.write_slice(buf, addr).is_ok()
-        });
-        if !ok {
-            let level = self.io_log.level();
-            log::log!(
-                level,
-                "virtio-blk `{}`: read at byte {offset} failed",
-                self.id
-            );
-            return IOERR;
+        self.chunk_buf();
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            let buf = self.buf.get_mut(..n).unwrap_or_default();
+            if self.file.read_exact_at(buf, offset).is_err() || writer.write_all(buf).is_err() {
+                let level = self.io_log.level();
+                log::log!(
+                    level,
+                    "virtio-blk `{}`: read at byte {offset} failed",
+                    self.id
+                );
+                return IOERR;
+            }
+            left -= n;
+            offset += n as u64;
         }
         Outcome {
             status: VIRTIO_BLK_S_OK as u8,
@@ -448,7 +427,8 @@ impl Disk {
         }
     }
 
-    fn write(&mut self, mem: &GuestMemory, sector: u64, data: &[Descriptor]) -> Outcome {
+    /// Writes the chain's data buffers to the file, a chunk at a time.
+    fn write(&mut self, sector: u64, reader: &mut Reader) -> Outcome {
         if self.read_only {
             log::debug!(
                 "virtio-blk `{}`: write to a read-only drive refused",
@@ -456,20 +436,26 @@ impl Disk {
             );
             return IOERR;
         }
-        let Some((offset, _)) = self.check_data(mem, sector, data, false) else {
+        let total = reader.available_bytes();
+        let Some(mut offset) = self.check_range(sector, total) else {
             return IOERR;
         };
-        let ok = self.transfer(data, offset, |file, buf, addr, at| {
-            mem.read_slice(buf, addr).is_ok() && file.write_all_at(buf, at).is_ok()
-        });
-        if !ok {
-            let level = self.io_log.level();
-            log::log!(
-                level,
-                "virtio-blk `{}`: write at byte {offset} failed",
-                self.id
-            );
-            return IOERR;
+        self.chunk_buf();
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            let buf = self.buf.get_mut(..n).unwrap_or_default();
+            if reader.read_exact(buf).is_err() || self.file.write_all_at(buf, offset).is_err() {
+                let level = self.io_log.level();
+                log::log!(
+                    level,
+                    "virtio-blk `{}`: write at byte {offset} failed",
+                    self.id
+                );
+                return IOERR;
+            }
+            left -= n;
+            offset += n as u64;
         }
         Outcome::status(VIRTIO_BLK_S_OK)
     }
@@ -489,31 +475,20 @@ impl Disk {
         }
     }
 
-    /// GET_ID: the drive id, truncated to 20 bytes, NUL padded.
-    fn get_id(&mut self, mem: &GuestMemory, data: &[Descriptor]) -> Outcome {
+    /// GET_ID: the drive id, truncated to 20 bytes, NUL padded (as much as fits).
+    fn get_id(&mut self, writer: &mut Writer) -> Outcome {
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         for (d, s) in id.iter_mut().zip(self.id.bytes()) {
             *d = s;
         }
-        let mut written = 0usize;
-        for d in data {
-            if !d.is_write_only() {
-                return IOERR;
-            }
-            let rest = id.get(written..).unwrap_or_default();
-            let n = rest.len().min(d.len() as usize);
-            let chunk = rest.get(..n).unwrap_or_default();
-            if mem.write_slice(chunk, d.addr()).is_err() {
-                return IOERR;
-            }
-            written += n;
-        }
-        if written == 0 {
+        let n = id.len().min(writer.available_bytes());
+        let part = id.get(..n).unwrap_or_default();
+        if n == 0 || writer.write_all(part).is_err() {
             return IOERR;
         }
         Outcome {
             status: VIRTIO_BLK_S_OK as u8,
-            written: written as u32,
+            written: n as u32,
         }
     }
 }

@@ -2,12 +2,11 @@
 //! from the backend into RX chains, TX chains out to the backend. Works on plain guest
 //! memory and any [`NetBackend`], so tests drive it with a socket pair instead of a TAP.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 
 use super::tap::{NetBackend, VNET_HDR_LEN};
 use super::{MAX_FRAME_LEN, NUM_BUFFERS_OFFSET, NetMetrics};
@@ -220,70 +219,57 @@ impl Frames {
 /// Copies `frame` into the device-writable buffers of `chain`.
 fn write_chain(
     mem: &GuestMemory,
-    chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
+    chain: DescriptorChain<&GuestMemory>,
     frame: &[u8],
     max_descs: usize,
 ) -> Result<(), &'static str> {
-    let mut done = 0usize;
-    for d in chain.take(max_descs) {
-        if !d.is_write_only() {
-            return Err("has a device-readable descriptor");
-        }
-        let rest = frame.get(done..).unwrap_or_default();
-        let n = rest.len().min(d.len() as usize);
-        let part = rest.get(..n).unwrap_or_default();
-        if mem.write_slice(part, d.addr()).is_err() {
-            return Err("points outside guest memory");
-        }
-        done += n;
-        if done == frame.len() {
-            return Ok(());
-        }
+    let shape = queue::shape(chain.clone(), max_descs);
+    if shape.truncated {
+        return Err("loops or has a bad next index");
     }
-    Err("is too small for the frame")
+    if shape.readable > 0 {
+        return Err("has a device-readable descriptor");
+    }
+    let mut writer = chain
+        .writer(mem)
+        .map_err(|_| "points outside guest memory")?;
+    if writer.available_bytes() < frame.len() {
+        return Err("is too small for the frame");
+    }
+    writer
+        .write_all(frame)
+        .map_err(|_| "points outside guest memory")
 }
 
 /// Gathers the frame a TX chain holds into `buf`; returns its length (header included).
 fn gather_chain(
     mem: &GuestMemory,
-    chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
+    chain: DescriptorChain<&GuestMemory>,
     buf: &mut [u8],
     max_descs: usize,
 ) -> Result<usize, &'static str> {
-    let mut len = 0usize;
-    let mut count = 0usize;
-    let mut dangling = false;
-    for d in chain {
-        count += 1;
-        if count > max_descs {
-            return Err("has more descriptors than the queue");
-        }
-        if d.is_write_only() {
-            return Err("has a device-writable descriptor");
-        }
-        let end = len
-            .checked_add(d.len() as usize)
-            .filter(|e| *e <= MAX_FRAME_LEN)
-            .ok_or("holds more than 65562 bytes")?;
-        let dst = buf.get_mut(len..end).ok_or("holds more than 65562 bytes")?;
-        if !dst.is_empty() && mem.read_slice(dst, d.addr()).is_err() {
-            return Err("points outside guest memory");
-        }
-        // Overflow of the address is a buffer outside guest memory as well.
-        if d.addr().checked_add(u64::from(d.len())).is_none() {
-            return Err("points outside guest memory");
-        }
-        len = end;
-        dangling = d.has_next();
+    let shape = queue::shape(chain.clone(), max_descs);
+    if shape.truncated {
+        return Err("loops, has a bad next index or more descriptors than the queue");
     }
-    // The iterator stops at a next index outside the table or after a queue's worth of
-    // descriptors: a last descriptor that still points on means a loop or a bad index.
-    if dangling {
-        return Err("loops or has a bad next index");
+    if shape.writable > 0 {
+        return Err("has a device-writable descriptor");
     }
+    // Reader::new refuses buffers outside guest memory and lengths that overflow.
+    let mut reader = chain
+        .reader(mem)
+        .map_err(|_| "points outside guest memory")?;
+    let len = reader.available_bytes();
     if len < VNET_HDR_LEN {
         return Err("is shorter than the virtio-net header");
     }
+    let dst = buf
+        .get_mut(..len)
+        .filter(|_| len <= MAX_FRAME_LEN)
+        .ok_or("holds more than 65562 bytes")?;
+    reader
+        .read_exact(dst)
+        .map_err(|_| "points outside guest memory")?;
     Ok(len)
 }
 
@@ -292,7 +278,7 @@ pub(super) mod tests {
     use std::os::unix::net::UnixDatagram;
 
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use vm_memory::GuestAddress;
+    use vm_memory::{Bytes, GuestAddress};
 
     use std::os::fd::{AsRawFd, RawFd};
 
