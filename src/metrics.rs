@@ -57,6 +57,8 @@ pub struct VirtioMetrics {
     pub bad_register_accesses: AtomicU64,
     /// Config-space accesses of a bad size, or beyond the device's config space.
     pub config_out_of_range: AtomicU64,
+    /// Writes to read-only config fields.
+    pub config_writes_ignored: AtomicU64,
     /// Queue registers written out of turn, queue sizes that are no power of two or too
     /// large, rings outside guest RAM or misaligned.
     pub bad_queue_configs: AtomicU64,

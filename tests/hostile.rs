@@ -155,6 +155,7 @@ fn hostile_driver_fails_only_its_own_device() {
     assert!(counter(&m, "virtio", "bad_register_accesses") >= 900, "{m}");
     assert_eq!(field(&o, "hostile: config", "nonzero"), "0");
     assert!(counter(&m, "virtio", "config_out_of_range") >= 1_000, "{m}");
+    assert!(counter(&m, "virtio", "config_writes_ignored") >= 1, "{m}");
     // Resets in the middle of requests.
     assert_eq!(field(&o, "hostile: reset rounds=", "rounds"), "50");
     assert!(counter(&m, "virtio", "active_resets") >= 50, "{m}");

@@ -264,11 +264,17 @@ impl MmioTransport {
     }
 
     /// The device cannot go on until the driver resets it (virtio 1.2 §2.1.2): the
-    /// driver learns it from the Status register after a config-change interrupt.
+    /// driver learns it from the Status register after a config-change interrupt. The
+    /// device stops now (it drops its queues and, on the event loop, its own sources
+    /// such as a TAP), so nothing reaches the broken rings meanwhile.
     fn set_needs_reset(&mut self) {
         if !self.needs_reset {
             inc(&METRICS.virtio.needs_reset);
             log::debug!("virtio: device needs a reset");
+        }
+        if self.activated {
+            self.device.reset();
+            self.activated = false;
         }
         self.needs_reset = true;
         self.interrupt.signal_config_change();
@@ -709,7 +715,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::devices::virtio::ActivateError;
+    use crate::devices::virtio::{ActivateError, VIRTIO_MMIO_INT_CONFIG};
 
     /// A device that records what the transport does to it.
     #[derive(Default)]
@@ -717,6 +723,8 @@ mod tests {
         activations: Arc<Mutex<Vec<(u64, usize)>>>,
         resets: Arc<Mutex<u32>>,
         kicks: Arc<Mutex<Vec<usize>>>,
+        /// What the next kick reports.
+        work: Arc<Mutex<Option<Work>>>,
     }
 
     impl VirtioDevice for Probe {
@@ -754,7 +762,7 @@ mod tests {
         }
         fn process_queue(&mut self, index: usize, _interest: &mut dyn Interest) -> Work {
             self.kicks.lock().unwrap().push(index);
-            Work::Done
+            self.work.lock().unwrap().take().unwrap_or(Work::Done)
         }
         fn reset(&mut self) {
             *self.resets.lock().unwrap() += 1;
@@ -793,6 +801,7 @@ mod tests {
             activations: probe.activations.clone(),
             resets: probe.resets.clone(),
             kicks: probe.kicks.clone(),
+            work: probe.work.clone(),
         };
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let irq = IrqLine::from_eventfd(EventFd::new(EFD_NONBLOCK).unwrap());
@@ -988,6 +997,35 @@ mod tests {
         assert_eq!(rd(&mut t, REG_QUEUE_READY), 0);
         assert_eq!(rd(&mut t, REG_QUEUE_NUM), 16);
         assert_eq!(rd(&mut t, REG_QUEUE_DESC_LOW), 0);
+    }
+
+    #[test]
+    fn broken_ring_needs_reset() {
+        let (mut t, seen) = transport();
+        negotiate(&mut t, 1 << 9);
+        setup_queue(&mut t, 8, 0x1000);
+        wr(&mut t, REG_STATUS, FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK);
+        assert!(t.is_activated());
+        // Capped drain: the queue is kicked again.
+        *seen.work.lock().unwrap() = Some(Work::More);
+        t.process_queue(0, &mut NoLoop);
+        assert_eq!(t.queue_evts()[0].read().unwrap(), 1);
+        // Broken ring: the device stops, the driver sees NEEDS_RESET and a config
+        // interrupt, and kicks are ignored until it resets the device.
+        *seen.work.lock().unwrap() = Some(Work::Broken);
+        t.process_queue(0, &mut NoLoop);
+        assert_eq!(*seen.resets.lock().unwrap(), 1);
+        assert!(!t.is_activated());
+        assert_eq!(
+            rd(&mut t, REG_STATUS),
+            FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET
+        );
+        assert_eq!(rd(&mut t, REG_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG, 2);
+        t.process_queue(0, &mut NoLoop);
+        assert_eq!(seen.kicks.lock().unwrap().len(), 2);
+        wr(&mut t, REG_STATUS, 0);
+        assert_eq!(rd(&mut t, REG_STATUS), 0);
+        assert_eq!(*seen.resets.lock().unwrap(), 1);
     }
 
     #[test]

@@ -70,6 +70,7 @@ impl VirtioDevice for Block {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        crate::metrics::inc(&crate::metrics::METRICS.virtio.config_writes_ignored);
         log::debug!("virtio-blk: config write at {offset:#x} ignored (nothing is writable)");
     }
 

@@ -344,6 +344,7 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
         // The MAC is writable only by legacy drivers, which ember does not serve.
+        crate::metrics::inc(&crate::metrics::METRICS.virtio.config_writes_ignored);
         log::debug!("net `{}`: config write at {offset:#x} ignored", self.id);
     }
 
