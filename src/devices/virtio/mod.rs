@@ -4,6 +4,11 @@
 //! (registers at a 4 KiB MMIO window) and an event-loop subscriber (guest kicks arrive as
 //! ioeventfds). Queue processing lives in the devices, apart from the event-loop glue, so
 //! it can be unit-tested on plain guest memory.
+//!
+//! Files: this one holds the device trait, interrupts and slot allocation; `mmio.rs` the
+//! transport (registers, status machine, event-loop tokens); `queue.rs` how chains are
+//! taken off a ring and checked; `block/` and `net/` the devices; `testing.rs` the one
+//! virtqueue driver every device's unit tests use.
 
 pub mod block;
 pub mod mmio;
