@@ -43,10 +43,12 @@ type Job = Box<dyn FnOnce() -> Box<dyn Any + Send> + Send>;
 /// the input is saved as a crash like any other. A panic in a job is caught and raised
 /// again on the caller's thread for the same reason.
 ///
-/// `EMBER_FUZZ_NO_SECCOMP=1` runs jobs without a filter (to tell a filter's cost from the
-/// code's, or to debug).
+/// `EMBER_FUZZ_NO_SECCOMP=1` runs jobs without a filter, and `EMBER_FUZZ_INLINE=1` on
+/// libFuzzer's thread without a filter (to measure what the filter and the hand-over
+/// cost, or to debug); neither is for real runs.
 pub struct Confined {
     kind: ThreadKind,
+    inline: bool,
     jobs: mpsc::Sender<Job>,
     done: mpsc::Receiver<Result<Box<dyn Any + Send>, String>>,
 }
@@ -54,7 +56,9 @@ pub struct Confined {
 impl Confined {
     pub fn start(kind: ThreadKind) -> Confined {
         route_confined_panics();
-        let filter = std::env::var_os("EMBER_FUZZ_NO_SECCOMP").is_none_or(|v| v != "1");
+        let filter = ["EMBER_FUZZ_NO_SECCOMP", "EMBER_FUZZ_INLINE"]
+            .iter()
+            .all(|k| std::env::var_os(k).is_none_or(|v| v != "1"));
         let (jobs, jobs_rx) = mpsc::channel::<Job>();
         let (done_tx, done) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -85,13 +89,19 @@ impl Confined {
         if filter {
             catch_sigsys();
         }
-        Confined { kind, jobs, done }
+        let inline = std::env::var_os("EMBER_FUZZ_INLINE").is_some_and(|v| v == "1");
+        Confined {
+            kind,
+            inline,
+            jobs,
+            done,
+        }
     }
 
     /// Runs `job` on the confined thread and returns its result. Panics (on this thread)
     /// if the job panicked or made a system call the filter forbids.
     pub fn run<R: Send + 'static>(&self, job: impl FnOnce() -> R + Send + 'static) -> R {
-        if std::env::var_os("EMBER_FUZZ_INLINE").is_some() {
+        if self.inline {
             return job();
         }
         self.jobs
