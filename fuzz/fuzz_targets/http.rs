@@ -1,6 +1,7 @@
 //! The API thread's input: bytes from one connection, framed by `api::http::parse` and
 //! routed by `api::routes::route`, under the API thread's seccomp filter. Each request's
-//! response is written as the API thread would and must read back as valid HTTP.
+//! response is written as the API thread would and must read back as valid HTTP, and each
+//! request must be incomplete at any shorter prefix.
 #![no_main]
 
 use ember::api::{DEFAULT_MAX_PAYLOAD, http, routes};
@@ -25,6 +26,7 @@ fn connection(data: &[u8]) {
         match http::parse(input, DEFAULT_MAX_PAYLOAD) {
             http::Parsed::Complete { request, len } => {
                 assert!(len > 0 && len <= input.len(), "{len} of {}", input.len());
+                check_prefixes(input, len, data.len());
                 input = &input[len..];
                 match routes::route(&request.method, &request.path, &request.body) {
                     Ok(_action) => http::write_response(&mut out, 204, None, !request.keep_alive),
@@ -56,6 +58,22 @@ fn connection(data: &[u8]) {
         }
     }
     check_responses(&out, answers);
+}
+
+/// A request complete at `len` bytes was incomplete before: a client sending it byte by
+/// byte (or in two pieces, split anywhere) gets the same answer, and a `need` announced
+/// on the way is exact (the connection waits for that many bytes without parsing again).
+fn check_prefixes(input: &[u8], len: usize, salt: usize) {
+    for cut in [len - 1, salt % len] {
+        match http::parse(&input[..cut], DEFAULT_MAX_PAYLOAD) {
+            http::Parsed::Partial { need, .. } => {
+                if let Some(need) = need {
+                    assert_eq!(need, len, "need announced after {cut} bytes");
+                }
+            }
+            other => panic!("{cut} of {len} bytes already parsed as {other:?}"),
+        }
+    }
 }
 
 fn check_fault(body: &str, message: &str) {
