@@ -6,7 +6,8 @@
 //!
 //! Input: device kind (bit 0: net), then 7-byte accesses: op (bit 7 write, bits 0-2 the
 //! width), offset (u16, within the window), value (u32). Afterwards the window still
-//! identifies itself and Status holds only bits the spec defines.
+//! identifies itself, Status holds only bits the spec defines, and a reset followed by
+//! the driver's usual start-up brings the device to DRIVER_OK.
 #![no_main]
 
 use std::fs::File;
@@ -99,12 +100,62 @@ fn run(t: &Target, data: &[u8]) {
                 transport.read(offset, &mut data[..width]);
             }
         }
-        let mut reg = [0u8; 4];
-        transport.read(0, &mut reg);
-        assert_eq!(&reg, b"virt", "MagicValue");
-        transport.read(0x70, &mut reg);
-        let status = u32::from_le_bytes(reg);
+        assert_eq!(
+            read(&mut transport, 0x00),
+            u32::from_le_bytes(*b"virt"),
+            "MagicValue"
+        );
+        let status = read(&mut transport, 0x70);
         assert_eq!(status & !STATUS_BITS, 0, "Status {status:#x}");
         assert_eq!(status, transport.status());
+        reset_and_start(&mut transport);
     });
+}
+
+fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+    let mut reg = [0u8; 4];
+    t.read(offset, &mut reg);
+    u32::from_le_bytes(reg)
+}
+
+fn write(t: &mut MmioTransport, offset: u64, value: u32) {
+    t.write(offset, &value.to_le_bytes());
+}
+
+/// Whatever the guest did before, a reset and the driver's usual start-up bring the
+/// device back to DRIVER_OK: a guest cannot wedge its device for good.
+fn reset_and_start(t: &mut MmioTransport) {
+    write(t, 0x70, 0);
+    assert_eq!(read(t, 0x70), 0, "Status after reset");
+    assert_eq!(read(t, 0x60), 0, "InterruptStatus after reset");
+    for status in [1, 3] {
+        write(t, 0x70, status);
+    }
+    for sel in 0..2 {
+        write(t, 0x14, sel);
+        let offered = read(t, 0x10);
+        write(t, 0x24, sel);
+        write(t, 0x20, offered);
+    }
+    write(t, 0x70, 0xb);
+    assert_eq!(read(t, 0x70), 0xb, "FEATURES_OK refused after reset");
+    for q in 0..8u32 {
+        write(t, 0x30, q);
+        let max = read(t, 0x34);
+        if max == 0 {
+            break;
+        }
+        assert_eq!(read(t, 0x44), 0, "queue {q} ready after reset");
+        let base = 0x1000 * q;
+        write(t, 0x38, max.min(8));
+        for (reg, value) in [(0x80, base), (0x90, base + 0x200), (0xa0, base + 0x400)] {
+            write(t, reg, value);
+            write(t, reg + 4, 0);
+        }
+        write(t, 0x44, 1);
+        assert_eq!(read(t, 0x44), 1, "queue {q} refused after reset");
+    }
+    write(t, 0x70, 0xf);
+    assert_eq!(read(t, 0x70), 0xf, "DRIVER_OK refused after reset");
+    assert!(t.is_activated());
 }
