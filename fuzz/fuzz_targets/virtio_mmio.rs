@@ -15,10 +15,10 @@ use std::sync::Arc;
 
 use ember::config::{CacheType, MacAddr};
 use ember::devices::bus::BusDevice;
+use ember::devices::ioapic::IrqLine;
 use ember::devices::virtio::block::{Block, Disk};
 use ember::devices::virtio::net::{Net, NetMetrics};
 use ember::devices::virtio::{MmioTransport, VirtioDevice};
-use ember::devices::ioapic::IrqLine;
 use ember_fuzz::{Confined, FakeTap, GuestMemory, Input, ThreadKind, guest_memory};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};

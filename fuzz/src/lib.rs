@@ -62,11 +62,15 @@ impl Confined {
         let (jobs, jobs_rx) = mpsc::channel::<Job>();
         let (done_tx, done) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
+        // One malloc arena, as in ember: the allocator must not make calls the filter
+        // refuses (issue 9, point 6). Before the confined thread exists, so it gets none
+        // of its own.
+        ember::seccomp::prepare_process();
         std::thread::Builder::new()
             .name(WORKER_NAME.into())
             .spawn(move || {
                 let installed = if filter {
-                    ember::seccomp::install(kind).map_err(|e| e.to_string())
+                    ember::seccomp::confine_current_thread(kind).map_err(|e| e.to_string())
                 } else {
                     Ok(())
                 };
