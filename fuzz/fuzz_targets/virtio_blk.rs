@@ -12,6 +12,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use ember::config::CacheType;
+use ember::devices::virtio::Work;
 use ember::devices::virtio::block::{Disk, QUEUE_SIZE, SECTOR_SIZE};
 use ember_fuzz::{
     Confined, GuestMemory, Input, QueueCheck, QueueSpec, ThreadKind, guest_memory, load_image,
@@ -85,9 +86,9 @@ fn run(t: &Target, data: &[u8]) {
         let mut completed = 0;
         // A few kicks' worth: a capped drain asks to be run again.
         for _ in 0..4 {
-            let (done, more) = disk.process_queue(&mem, &mut queue);
+            let (done, work) = disk.process_queue(&mem, &mut queue);
             completed += done;
-            if !more {
+            if work != Work::More {
                 break;
             }
         }

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use ember::devices::virtio::Work;
 use ember::devices::virtio::net::{Frames, NetMetrics, QUEUE_SIZE as QUEUE_MAX, RxState};
 use ember_fuzz::{
     Confined, FakeTap, GuestMemory, Input, QueueCheck, QueueSpec, ThreadKind, guest_memory,
@@ -47,7 +48,8 @@ fn run(t: &Target, data: &[u8]) {
         let mut completed = 0;
         for _ in 0..4 {
             let (used, again) = if tx {
-                frames.process_tx(&mem, &mut queue, &mut tap)
+                let (used, work) = frames.process_tx(&mem, &mut queue, &mut tap);
+                (used, work == Work::More)
             } else {
                 let pass = frames.process_rx(&mem, &mut queue, &mut tap);
                 (pass.used, pass.state == RxState::Capped)

@@ -17,7 +17,7 @@ use std::sync::Once;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc;
 
-use ember::devices::virtio::tap::NetBackend;
+use ember::devices::virtio::net::tap::NetBackend;
 pub use ember::seccomp::ThreadKind;
 pub use ember::vm::memory::GuestMemory;
 use virtio_queue::{Queue, QueueT};
