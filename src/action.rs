@@ -7,7 +7,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{
     BootSourceConfig, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, NetworkInterfaceConfig,
+    MetricsConfig, NetworkInterfaceConfig, VsockConfig,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +29,8 @@ pub enum Action {
     PutNetworkInterface(NetworkInterfaceConfig),
     PutLogger(LoggerConfig),
     PutMetrics(MetricsConfig),
+    /// PUT /vsock
+    PutVsock(VsockConfig),
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,

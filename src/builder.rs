@@ -67,7 +67,8 @@ impl BuildError {
                 VirtioError::OpenDisk { .. }
                 | VirtioError::DiskSize { .. }
                 | VirtioError::TooManyDevices { .. }
-                | VirtioError::Tap { .. },
+                | VirtioError::Tap { .. }
+                | VirtioError::Vsock { .. },
             ))
             | BuildError::Memory(memory::MemoryError::TooLarge(_))
             | BuildError::Memory(memory::MemoryError::Mmap { .. }) => exit_code::BAD_CONFIGURATION,
@@ -200,6 +201,9 @@ fn create_devices(
     devices.add_legacy_devices(reset_evt, opts.boot_timer)?;
     devices.add_drives(&config.drives)?;
     devices.add_network_interfaces(&config.network_interfaces)?;
+    if let Some(v) = &config.vsock {
+        devices.add_vsock(v)?;
+    }
     if log::log_enabled!(log::Level::Debug) {
         for d in devices.devices() {
             log::debug!(

@@ -212,6 +212,13 @@ impl Controller {
                 self.config.logger = Some(l);
                 Ok(ActionOk::NoContent)
             }
+            Action::PutVsock(v) => {
+                self.pre_boot()?;
+                v.validate().map_err(bad)?;
+                v.check_host_path().map_err(bad)?;
+                self.config.vsock = Some(v);
+                Ok(ActionOk::NoContent)
+            }
             Action::PutMetrics(m) => {
                 self.pre_boot()?;
                 crate::metrics::set_output(&m.metrics_path).map_err(bad)?;

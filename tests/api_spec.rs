@@ -183,6 +183,7 @@ fn body_definitions_match_the_config_types() {
     check_definition::<NetworkInterfaceConfig>(&defs, "NetworkInterface");
     check_definition::<LoggerConfig>(&defs, "Logger");
     check_definition::<MetricsConfig>(&defs, "Metrics");
+    check_definition::<VsockConfig>(&defs, "Vsock");
 }
 
 #[test]

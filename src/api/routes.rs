@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use crate::action::{Action, ActionError};
 use crate::config::{
     BootSourceConfig, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, NetworkInterfaceConfig,
+    MetricsConfig, NetworkInterfaceConfig, VsockConfig,
 };
 
 /// Path segments captured by `{name}` in a template, in order.
@@ -39,6 +39,7 @@ pub const ROUTES: &[Route] = &[
     r("PUT", "/network-interfaces/{iface_id}", put_net),
     r("PUT", "/logger", put_logger),
     r("PUT", "/metrics", put_metrics),
+    r("PUT", "/vsock", put_vsock),
     r("PUT", "/actions", put_actions),
     r("PATCH", "/vm", patch_vm),
 ];
@@ -55,7 +56,6 @@ const fn r(method: &'static str, path: &'static str, handler: Handler) -> Route 
 /// the feature to name in the refusal. Not routes: they are absent from the OpenAPI spec.
 pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("balloon", "the balloon device"),
-    ("vsock", "the vsock device"),
     ("mmds", "the MMDS (microVM metadata service)"),
     ("entropy", "the entropy (virtio-rng) device"),
     ("snapshot", "snapshots"),
@@ -228,6 +228,10 @@ fn put_logger(_: &Params, body: &[u8]) -> Result<Action, ActionError> {
 
 fn put_metrics(_: &Params, body: &[u8]) -> Result<Action, ActionError> {
     parse::<MetricsConfig>(body).map(Action::PutMetrics)
+}
+
+fn put_vsock(_: &Params, body: &[u8]) -> Result<Action, ActionError> {
+    parse::<VsockConfig>(body).map(Action::PutVsock)
 }
 
 /// The variant names are the accepted `action_type` strings.
@@ -447,9 +451,16 @@ mod tests {
     }
 
     #[test]
+    fn vsock() {
+        let body = r#"{"vsock_id": "v", "guest_cid": 3, "uds_path": "/v.sock"}"#;
+        assert!(matches!(ok("PUT", "/vsock", body), Action::PutVsock(v) if v.guest_cid == 3));
+        assert!(err("PUT", "/vsock", r#"{"guest_cid": 3}"#).contains("uds_path"));
+        assert!(err("GET", "/vsock", "").ends_with("Allowed methods: PUT."));
+    }
+
+    #[test]
     fn unsupported_devices() {
         for (m, p) in [
-            ("PUT", "/vsock"),
             ("GET", "/balloon"),
             ("GET", "/balloon/statistics"),
             ("PUT", "/mmds"),

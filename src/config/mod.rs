@@ -11,6 +11,7 @@ pub mod machine_config;
 pub mod metrics;
 pub mod net;
 pub mod unsupported;
+pub mod vsock;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -22,6 +23,7 @@ pub use machine_config::{MachineConfig, MachineConfigError, MachineConfigUpdate}
 pub use metrics::{MetricsConfig, MetricsConfigError};
 pub use net::{MacAddr, NetError, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use unsupported::{UnsupportedError, UnsupportedValue};
+pub use vsock::{VsockConfig, VsockConfigError};
 
 use crate::vm::layout::VIRTIO_MMIO_MAX_DEVICES;
 
@@ -53,12 +55,12 @@ pub struct VmConfig {
     pub logger: Option<LoggerConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 
     // Firecracker resources ember does not implement: see unsupported.rs.
     #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
     pub balloon: UnsupportedValue,
-    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
-    pub vsock: UnsupportedValue,
     #[serde(
         rename = "mmds-config",
         default,
@@ -106,7 +108,7 @@ pub enum ConfigError {
     #[error("network-interfaces[{index}].{source}")]
     NetworkInterface { index: usize, source: NetError },
     #[error(
-        "drives and network-interfaces: {count} devices configured, at most \
+        "drives, network-interfaces and vsock: {count} devices configured, at most \
          {VIRTIO_MMIO_MAX_DEVICES} are supported"
     )]
     TooManyDevices { count: usize },
@@ -114,6 +116,8 @@ pub enum ConfigError {
     Logger(#[from] LoggerConfigError),
     #[error("metrics.{0}")]
     Metrics(#[from] MetricsConfigError),
+    #[error("vsock.{0}")]
+    Vsock(#[from] VsockConfigError),
     #[error(transparent)]
     Unsupported(#[from] UnsupportedError),
 }
@@ -144,7 +148,8 @@ impl VmConfig {
             .map_err(|(index, source)| ConfigError::Drive { index, source })?;
         net::validate_network_interfaces(&self.network_interfaces)
             .map_err(|(index, source)| ConfigError::NetworkInterface { index, source })?;
-        let count = self.drives.len() + self.network_interfaces.len();
+        let count =
+            self.drives.len() + self.network_interfaces.len() + usize::from(self.vsock.is_some());
         if u64::try_from(count).map_or(true, |c| c > VIRTIO_MMIO_MAX_DEVICES) {
             return Err(ConfigError::TooManyDevices { count });
         }
@@ -154,9 +159,11 @@ impl VmConfig {
         if let Some(m) = &self.metrics {
             m.validate()?;
         }
+        if let Some(v) = &self.vsock {
+            v.validate()?;
+        }
         for (name, value) in [
             ("balloon", &self.balloon),
-            ("vsock", &self.vsock),
             ("mmds-config", &self.mmds_config),
             ("entropy", &self.entropy),
             ("cpu-config", &self.cpu_config),
@@ -236,6 +243,7 @@ fn locate_json_error(text: &str, err: &serde_json::Error) -> Option<String> {
             "machine-config" => consider(key.clone(), fails_as::<Option<MachineConfig>>(value)),
             "logger" => consider(key.clone(), fails_as::<Option<LoggerConfig>>(value)),
             "metrics" => consider(key.clone(), fails_as::<Option<MetricsConfig>>(value)),
+            "vsock" => consider(key.clone(), fails_as::<Option<VsockConfig>>(value)),
             "drives" | "network-interfaces" => match value.as_array() {
                 Some(items) => {
                     for (i, item) in items.iter().enumerate() {
@@ -509,7 +517,6 @@ mod tests {
     fn unsupported_resources() {
         for (key, value) in [
             ("balloon", r#"{"amount_mib": 64, "deflate_on_oom": true}"#),
-            ("vsock", r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#),
             ("mmds-config", r#"{"network_interfaces": ["net1"]}"#),
             (
                 "entropy",
@@ -532,7 +539,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(unsupported::UNSUPPORTED_RESOURCES.len(), 8);
+        assert_eq!(unsupported::UNSUPPORTED_RESOURCES.len(), 7);
     }
 
     #[test]
@@ -544,7 +551,7 @@ mod tests {
             .collect();
         let e = err(&with(&format!(r#""drives": [{}]"#, drives.join(","))));
         assert!(
-            e.starts_with("drives and network-interfaces: 19 devices configured"),
+            e.starts_with("drives, network-interfaces and vsock: 19 devices configured"),
             "{e}"
         );
     }

@@ -10,7 +10,6 @@ use serde::{Deserialize, Serialize};
 /// Top-level config-file keys (and API resources) of Firecracker that ember refuses.
 pub const UNSUPPORTED_RESOURCES: &[&str] = &[
     "balloon",
-    "vsock",
     "mmds-config",
     "entropy",
     "cpu-config",
@@ -74,9 +73,9 @@ mod tests {
     #[test]
     fn unset_values_are_accepted() {
         for s in ["null", "{}", "[]", r#"{"bandwidth": null, "ops": {}}"#] {
-            assert!(v(s).check("vsock").is_ok(), "{s}");
+            assert!(v(s).check("balloon").is_ok(), "{s}");
         }
-        assert!(UnsupportedValue::default().check("vsock").is_ok());
+        assert!(UnsupportedValue::default().check("balloon").is_ok());
     }
 
     #[test]
@@ -88,10 +87,10 @@ mod tests {
             "0",
             "false",
         ] {
-            let e = v(s).check("vsock").unwrap_err();
+            let e = v(s).check("balloon").unwrap_err();
             assert_eq!(
                 e.to_string(),
-                "`vsock` is not supported by ember; leave it out or set it to null"
+                "`balloon` is not supported by ember; leave it out or set it to null"
             );
         }
     }

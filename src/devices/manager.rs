@@ -16,9 +16,11 @@ use super::bus::{Bus, OverlapError, SharedDevice};
 use super::i8042::I8042;
 use super::ioapic::{Ioapic, IrqError};
 use super::serial::{ConsoleInput, ConsoleOut, SerialDevice};
+use super::virtio::vsock::Vsock;
 use super::virtio::{Block, MmioTransport, Net, VirtioDevice, VirtioError, net::NetMetrics};
 use crate::config::drive::DriveConfig;
 use crate::config::net::NetworkInterfaceConfig;
+use crate::config::vsock::VsockConfig;
 use crate::vm::layout::{
     BOOT_TIMER_SIZE, BOOT_TIMER_START, I8042_IRQ, I8042_PORT_BASE, I8042_PORT_SIZE, IOAPIC_SIZE,
     IOAPIC_START, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_SIZE, VIRTIO_IRQ_BASE,
@@ -49,6 +51,7 @@ pub enum DeviceKind {
     BootTimer,
     VirtioBlock,
     VirtioNet,
+    VirtioVsock,
 }
 
 impl DeviceKind {
@@ -60,6 +63,7 @@ impl DeviceKind {
             DeviceKind::BootTimer => "boot-timer",
             DeviceKind::VirtioBlock => "virtio-blk",
             DeviceKind::VirtioNet => "virtio-net",
+            DeviceKind::VirtioVsock => "virtio-vsock",
         }
     }
 }
@@ -313,6 +317,24 @@ impl DeviceManager {
                 }
             );
         }
+        Ok(())
+    }
+
+    /// The vsock device, after the network interfaces. Binds `uds_path` now, so a path
+    /// that cannot be used fails the build before the guest runs.
+    pub fn add_vsock(&mut self, config: &VsockConfig) -> Result<(), DeviceError> {
+        let dev = Vsock::new(config.guest_cid, &config.uds_path).map_err(|source| {
+            VirtioError::Vsock {
+                path: config.uds_path.clone(),
+                source,
+            }
+        })?;
+        let entry = self.attach_virtio(DeviceKind::VirtioVsock, "vsock", Box::new(dev))?;
+        log::info!(
+            "vsock: guest CID {}, listening on {}, {entry}",
+            config.guest_cid,
+            config.uds_path
+        );
         Ok(())
     }
 

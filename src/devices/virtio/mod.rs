@@ -16,6 +16,7 @@ pub mod net;
 pub mod queue;
 #[cfg(test)]
 pub mod testing;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -71,6 +72,11 @@ pub enum VirtioError {
     },
     #[error("cannot create an eventfd for a network interface: {0}")]
     NetEventFd(std::io::Error),
+    #[error("vsock: cannot listen on {path}: {source}")]
+    Vsock {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Bus(#[from] crate::devices::bus::OverlapError),
 }
