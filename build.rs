@@ -28,6 +28,7 @@ const GUEST_SOURCES: &[&str] = &[
     "blkbench.c",
     "netbench.c",
     "hostile.c",
+    "vsock.c",
 ];
 const GUEST_OTHER_INPUTS: &[&str] = &["guest.h", "virtio.h", "guest.ld"];
 const GUEST_IMAGE: &str = "ember-test-guest";

@@ -119,5 +119,7 @@ void net_test(uint64_t base);
 /* blkbench.c, netbench.c: throughput / latency measurements (README.md). */
 void blk_bench(uint64_t base, const char *cmdline);
 void net_bench(uint64_t base, const char *cmdline);
+/* vsock.c: serves the host's connections forever (README.md). */
+void vsock_run(uint64_t base, const char *cmdline);
 
 #endif

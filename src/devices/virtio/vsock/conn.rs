@@ -225,6 +225,12 @@ impl Conn {
                 }
             }
         }
+        // The host caught up after a stall: the guest may be waiting for room for a whole
+        // packet that its last view of our buffer did not have (the threshold below only
+        // fires on large gaps).
+        if self.tx_buf.is_empty() && self.fwd_cnt != self.last_fwd_cnt_to_peer {
+            self.pending.credit_update = true;
+        }
         self.after_forwarding();
     }
 
