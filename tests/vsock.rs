@@ -443,3 +443,105 @@ fn bad_vsock_configs_exit_152() {
         );
     }
 }
+
+/// One API request with curl; returns (status, body).
+fn curl(sock: &std::path::Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-S",
+            "--unix-socket",
+            sock.to_str().unwrap(),
+            "-X",
+            method,
+        ])
+        .args([
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "Content-Type: application/json",
+        ])
+        .args(if body.is_empty() {
+            vec![]
+        } else {
+            vec!["-d", body]
+        })
+        .arg(format!("http://localhost{path}"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn put_vsock_through_the_api() {
+    let dir = TempDir::new("vsock-api");
+    let api = dir.path("api.sock");
+    let uds = dir.path("v.sock");
+    let file = dir.path("regular");
+    std::fs::write(&file, b"x").unwrap();
+    let mut child = spawn(&["--api-sock", api.to_str().unwrap()]);
+    let start = Instant::now();
+    while UnixStream::connect(&api).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no API socket");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let put = |body: &str| curl(&api, "PUT", "/vsock", body);
+    let (code, msg) = put(r#"{"guest_cid": 1, "uds_path": "/tmp/v"}"#);
+    assert_eq!(code, 400, "{msg}");
+    assert!(msg.contains("guest_cid 1 is reserved"), "{msg}");
+    let (code, msg) = put(&format!(
+        r#"{{"guest_cid": 3, "uds_path": "{}"}}"#,
+        file.display()
+    ));
+    assert_eq!(code, 400, "{msg}");
+    assert!(msg.contains("is not a socket"), "{msg}");
+    // A stale socket file is fine: ember replaces it.
+    drop(UnixListener::bind(&uds).unwrap());
+    let body = format!(
+        r#"{{"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "{}"}}"#,
+        uds.display()
+    );
+    assert_eq!(put(&body).0, 204);
+    let boot = format!(
+        r#"{{"kernel_image_path": "{GUEST}", "boot_args": "console=ttyS0 ember_test=vsock"}}"#
+    );
+    assert_eq!(curl(&api, "PUT", "/boot-source", &boot).0, 204);
+    let (code, config) = curl(&api, "GET", "/vm/config", "");
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(v["vsock"]["guest_cid"], 3, "{config}");
+    assert_eq!(v["vsock"]["uds_path"], uds.to_str().unwrap(), "{config}");
+    let (code, msg) = curl(
+        &api,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    assert_eq!(code, 204, "{msg}");
+    // The guest needs a moment to set up its driver: retry until it accepts.
+    let start = Instant::now();
+    let mut s = loop {
+        let mut s = UnixStream::connect(&uds).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.write_all(b"CONNECT 1024\n").unwrap();
+        if read_line(&mut s).starts_with("OK ") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the guest never accepted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    s.write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+    let (code, msg) = put(&body);
+    assert_eq!(code, 400, "{msg}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
