@@ -10,6 +10,7 @@
 //! moves packets between the queues and the muxer.
 
 pub mod conn;
+pub mod metrics;
 pub mod muxer;
 pub mod packet;
 
@@ -20,6 +21,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory as _, Permissions};
 
+use self::metrics::{METRICS, inc};
 use self::muxer::Muxer;
 use self::packet::{HDR_LEN, Header};
 use super::{ActivateError, VirtioDevice, VirtioInterrupt};
@@ -175,6 +177,7 @@ impl Vsock {
                 Ok(c) => {
                     let mut raw = [0u8; HDR_LEN];
                     if !read_chain(&a.mem, &c, 0, &mut raw) {
+                        inc(&METRICS.tx_malformed, 1);
                         log::debug!("vsock: TX chain {} shorter than a header; dropped", c.head);
                     } else {
                         let hdr = Header::from_bytes(&raw);
@@ -186,11 +189,18 @@ impl Vsock {
                             .filter(|_| fits)
                             .is_some_and(|d| read_chain(&a.mem, &c, HDR_LEN, d));
                         match self.buf.get(..len).filter(|_| read) {
-                            Some(d) => self.muxer.send_pkt(&hdr, d),
-                            None => log::debug!(
-                                "vsock: TX chain {} holds no {len}-byte payload; dropped",
-                                c.head
-                            ),
+                            Some(d) => {
+                                inc(&METRICS.tx_packets_count, 1);
+                                inc(&METRICS.tx_bytes_count, d.len() as u64);
+                                self.muxer.send_pkt(&hdr, d)
+                            }
+                            None => {
+                                inc(&METRICS.tx_malformed, 1);
+                                log::debug!(
+                                    "vsock: TX chain {} holds no {len}-byte payload; dropped",
+                                    c.head
+                                )
+                            }
                         }
                     }
                     if let Err(e) = a.tx.add_used(&a.mem, c.head, 0) {
@@ -198,6 +208,7 @@ impl Vsock {
                     }
                 }
                 Err((head, why)) => {
+                    inc(&METRICS.tx_malformed, 1);
                     log::debug!("vsock: TX chain {head} {why}; dropped");
                     if let Err(e) = a.tx.add_used(&a.mem, head, 0) {
                         log::debug!("vsock: cannot complete TX chain {head}: {e}");
@@ -265,6 +276,10 @@ impl Vsock {
                 log::debug!("vsock: cannot write RX chain {}", c.head);
             }
             let written = if ok { (HDR_LEN + len) as u32 } else { 0 };
+            if ok {
+                inc(&METRICS.rx_packets_count, 1);
+                inc(&METRICS.rx_bytes_count, len as u64);
+            }
             if let Err(e) = a.rx.add_used(&a.mem, c.head, written) {
                 log::debug!("vsock: cannot complete RX chain {}: {e}", c.head);
             }

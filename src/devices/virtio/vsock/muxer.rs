@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::conn::{Conn, RxPacket, State};
+use super::metrics::{METRICS, inc};
 use super::packet::*;
 
 /// Firecracker's limit on open connections.
@@ -230,6 +231,7 @@ impl Muxer {
                     self.conns.len(),
                     self.preambles.len()
                 );
+                inc(&METRICS.conns_refused, 1);
                 continue;
             }
             if let Err(e) = ctl(
@@ -305,7 +307,10 @@ impl Muxer {
                 log::debug!("vsock: host connects to guest port {port} from {local}");
                 self.add(Conn::local_init(stream, local, port));
             }
-            Err(why) => log::info!("vsock: a host connection {why}; closed"),
+            Err(why) => {
+                inc(&METRICS.conns_refused, 1);
+                log::info!("vsock: a host connection {why}; closed")
+            }
         }
     }
 
@@ -324,6 +329,7 @@ impl Muxer {
         let key = (conn.local_port, conn.peer_port);
         let fd = conn.stream().as_raw_fd();
         let has_rx = conn.has_pending_rx();
+        inc(&METRICS.conns_added, 1);
         if let Some(old) = self.conns.insert(key, conn) {
             // A guest reusing a port pair still open: the old one goes.
             self.by_fd.remove(&old.stream().as_raw_fd());
@@ -337,6 +343,7 @@ impl Muxer {
 
     fn remove(&mut self, key: Key) {
         if let Some(c) = self.conns.remove(&key) {
+            inc(&METRICS.conns_removed, 1);
             let fd = c.stream().as_raw_fd();
             if let Some((_, ev)) = self.by_fd.remove(&fd)
                 && !ev.is_empty()
@@ -370,6 +377,9 @@ impl Muxer {
                     c.kill();
                 }
             }
+        }
+        if before != State::Killed && c.state() == State::Killed {
+            inc(&METRICS.conns_killed, 1);
         }
         if !had_rx && c.has_pending_rx() {
             self.rxq.push_back(key);
