@@ -280,6 +280,32 @@ static void map_identity(uint64_t page)
 	load_cr3((uint64_t)pml4);
 }
 
+/* Other VMMs' boot tables may map less than the low 4 GiB (Firecracker's map 1 GiB), where
+ * the virtio-mmio windows lie: fill in each missing GiB of the boot PDPT with 2 MiB
+ * identity pages. Under ember nothing is missing and this is a few reads. */
+static uint64_t low_pds[3][512] NOINIT __attribute__((aligned(4096)));
+
+static void map_low_4g(void)
+{
+	const uint64_t table = PTE_PRESENT | PTE_WRITE, addr_mask = 0x000ffffffffff000ull;
+	const uint64_t *boot_pml4 = (const uint64_t *)(read_cr3() & addr_mask);
+	if (!(boot_pml4[0] & PTE_PRESENT))
+		return;
+	uint64_t *boot_pdpt = (uint64_t *)(boot_pml4[0] & addr_mask);
+	int changed = 0;
+	for (unsigned g = 1; g < 4; g++) {
+		if (boot_pdpt[g] & PTE_PRESENT)
+			continue;
+		uint64_t *pd = low_pds[g - 1];
+		for (uint64_t i = 0; i < 512; i++)
+			pd[i] = ((uint64_t)g << 30 | i * HUGE_PAGE_SIZE) | table | PTE_HUGE;
+		boot_pdpt[g] = (uint64_t)pd | table;
+		changed = 1;
+	}
+	if (changed)
+		load_cr3(read_cr3());
+}
+
 static void test_last_page(uint64_t page)
 {
 	if (!page) {
@@ -394,6 +420,7 @@ static void flood(void)
 void guest_main(const uint8_t *boot_params)
 {
 	puts_serial("ember-test-guest: hello\n");
+	map_low_4g();
 	copy_cmdline(boot_params);
 	unsigned modes = parse_modes();
 	if (modes & MODE_BOOTTIMER)
