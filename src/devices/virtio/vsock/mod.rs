@@ -347,7 +347,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn process_queue(&mut self, index: usize) -> bool {
-        match index {
+        let more = match index {
             RX_QUEUE => {
                 self.run_rx();
                 false
@@ -360,7 +360,9 @@ impl VirtioDevice for Vsock {
             }
             EVENT_QUEUE => false,
             _ => false,
-        }
+        };
+        self.muxer.arm_timer();
+        more
     }
 
     fn reset(&mut self) {
@@ -376,6 +378,7 @@ impl VirtioDevice for Vsock {
         if source == 0 {
             self.muxer.process_events();
             self.run_rx();
+            self.muxer.arm_timer();
         }
     }
 }

@@ -201,7 +201,6 @@ impl Muxer {
                 }
             }
         }
-        self.arm_timer();
     }
 
     fn accept(&mut self) {
@@ -525,7 +524,9 @@ impl Muxer {
         }
     }
 
-    fn arm_timer(&mut self) {
+    /// Points the timer at the earliest request or shutdown deadline (after every pass:
+    /// delivering a REQUEST or a SHUTDOWN to the guest starts one).
+    pub fn arm_timer(&mut self) {
         let next = self.conns.values().filter_map(|c| c.expiry).min();
         if next == self.timer_at {
             return;
@@ -620,6 +621,105 @@ mod tests {
         ] {
             assert_eq!(parse_connect(bad), None, "{bad:?}");
         }
+    }
+
+    fn temp_path(tag: &str) -> (std::path::PathBuf, String) {
+        let dir = std::env::temp_dir().join(format!("ember-vsock-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock").to_string_lossy().into_owned();
+        (dir, path)
+    }
+
+    /// Runs the muxer's events until `done` says so (the host client is another socket).
+    fn pump(m: &mut Muxer, mut done: impl FnMut(&mut Muxer) -> bool) {
+        // Up to 10 s: the request timeout under test is 2 s.
+        for _ in 0..2000 {
+            m.process_events();
+            if done(m) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("the muxer never got there");
+    }
+
+    fn guest(op: u16, src_port: u32, dst_port: u32) -> Header {
+        Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc: 65536,
+            ..Header::default()
+        }
+    }
+
+    #[test]
+    fn host_connect_ok_line_and_request_timeout() {
+        use std::io::Write;
+        let (dir, path) = temp_path("hostconn");
+        let mut m = Muxer::new(3, &path).unwrap();
+        let mut buf = vec![0u8; 4096];
+        // The line may arrive in pieces.
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"conn").unwrap();
+        pump(&mut m, |m| !m.preambles.is_empty());
+        client.write_all(b"ect 52\n").unwrap();
+        pump(&mut m, |m| m.has_rx());
+        let (h, len) = m.recv_pkt(&mut buf).unwrap();
+        assert_eq!(
+            (h.op, h.src_port, h.dst_port, h.dst_cid, len),
+            (OP_REQUEST, 1 << 30, 52, 3, 0)
+        );
+        m.send_pkt(&guest(OP_RESPONSE, 52, 1 << 30), &[]);
+        let mut line = [0u8; 14];
+        client.read_exact(&mut line).unwrap();
+        assert_eq!(&line, b"OK 1073741824\n");
+        m.send_pkt(&guest(OP_RW, 52, 1 << 30), b"");
+        m.send_pkt(
+            &{
+                let mut h = guest(OP_RW, 52, 1 << 30);
+                h.len = 3;
+                h
+            },
+            b"abc",
+        );
+        let mut got = [0u8; 3];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"abc");
+
+        // A guest that never answers: after the request timeout the host connection is
+        // closed and the guest gets an RST.
+        let mut silent = UnixStream::connect(&path).unwrap();
+        silent.write_all(b"CONNECT 53\n").unwrap();
+        pump(&mut m, |m| m.has_rx());
+        let (h, _) = m.recv_pkt(&mut buf).unwrap();
+        assert_eq!((h.op, h.dst_port), (OP_REQUEST, 53));
+        m.arm_timer();
+        assert!(m.timer_at.is_some());
+        pump(&mut m, |m| m.has_rx());
+        let (h, _) = m.recv_pkt(&mut buf).unwrap();
+        assert_eq!((h.op, h.dst_port), (OP_RST, 53));
+        let mut rest = Vec::new();
+        silent.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(m.connection_count(), 1);
+
+        // Packets for no connection are answered with an RST; an RST is not.
+        m.send_pkt(&guest(OP_RW, 9, 9), &[]);
+        m.send_pkt(&guest(OP_RST, 9, 10), &[]);
+        let (h, _) = m.recv_pkt(&mut buf).unwrap();
+        assert_eq!((h.op, h.src_port, h.dst_port), (OP_RST, 9, 9));
+        assert!(m.recv_pkt(&mut buf).is_none());
+        // A packet from another CID is dropped.
+        let mut h = guest(OP_REQUEST, 1, 2);
+        h.src_cid = 4;
+        m.send_pkt(&h, &[]);
+        assert!(!m.has_rx());
+        drop(m);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
