@@ -506,7 +506,8 @@ fn put_vsock_through_the_api() {
     );
     assert_eq!(put(&body).0, 204);
     let boot = format!(
-        r#"{{"kernel_image_path": "{GUEST}", "boot_args": "console=ttyS0 ember_test=vsock"}}"#
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 ember_test=vsock"}}"#,
+        guest()
     );
     assert_eq!(curl(&api, "PUT", "/boot-source", &boot).0, 204);
     let (code, config) = curl(&api, "GET", "/vm/config", "");

@@ -330,6 +330,7 @@ impl DeviceManager {
             }
         })?;
         let entry = self.attach_virtio(DeviceKind::VirtioVsock, "vsock", Box::new(dev))?;
+        super::virtio::vsock::metrics::VsockMetrics::register();
         log::info!(
             "vsock: guest CID {}, listening on {}, {entry}",
             config.guest_cid,
