@@ -327,14 +327,19 @@ fn stalled_peers_block_only_themselves_and_stay_bounded() {
     assert!(echo(s, data.clone()) == *data, "echo beside stalled peers");
     let (_a, host_stalled_bytes) = t1.join().unwrap();
     let (_b, guest_stalled_bytes) = t2.join().unwrap();
+    eprintln!(
+        "accepted before blocking: host peer not reading {host_stalled_bytes} bytes, \
+         guest not reading {guest_stalled_bytes} bytes"
+    );
     // What ember and the guest hold is bounded by credit: the guest's 256 KiB window,
-    // ember's 64 KiB buffer and the Unix socket buffers on each side.
+    // ember's 64 KiB buffer and the Unix socket buffers on each side (~208 KiB each
+    // here): well under 1 MiB either way.
     assert!(
-        host_stalled_bytes < 8 << 20,
+        host_stalled_bytes < 2 << 20,
         "a host peer that stops reading: {host_stalled_bytes} bytes accepted"
     );
     assert!(
-        guest_stalled_bytes < 4 << 20,
+        guest_stalled_bytes < 2 << 20,
         "a guest that stops reading: {guest_stalled_bytes} bytes accepted"
     );
     // And still other connections work.
