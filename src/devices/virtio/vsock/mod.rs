@@ -382,3 +382,191 @@ impl VirtioDevice for Vsock {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::packet::*;
+    use super::*;
+    use crate::devices::ioapic::IrqLine;
+
+    const QSIZE: u16 = 16;
+    const RINGS: u64 = 0x1000;
+    const BUFS: u64 = 0x10_0000;
+
+    /// One virtqueue as a driver sees it (rings of queue q at 0x1000 + q * 0x3000).
+    struct Vq {
+        base: u64,
+        avail_idx: u16,
+    }
+
+    impl Vq {
+        fn new(mem: &GuestMemory, index: u64) -> (Vq, Queue) {
+            let base = RINGS + index * 0x3000;
+            let mut q = Queue::new(QSIZE).unwrap();
+            q.try_set_desc_table_address(GuestAddress(base)).unwrap();
+            q.try_set_avail_ring_address(GuestAddress(base + 0x1000))
+                .unwrap();
+            q.try_set_used_ring_address(GuestAddress(base + 0x2000))
+                .unwrap();
+            q.set_ready(true);
+            assert!(q.is_valid(mem));
+            (Vq { base, avail_idx: 0 }, q)
+        }
+
+        fn desc(&self, mem: &GuestMemory, i: u16, addr: u64, len: u32, flags: u32, next: u16) {
+            let d = self.base + u64::from(i) * 16;
+            mem.write_obj(addr, GuestAddress(d)).unwrap();
+            mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(flags as u16, GuestAddress(d + 12)).unwrap();
+            mem.write_obj(next, GuestAddress(d + 14)).unwrap();
+        }
+
+        fn publish(&mut self, mem: &GuestMemory, head: u16) {
+            let slot = u64::from(self.avail_idx % QSIZE);
+            mem.write_obj(head, GuestAddress(self.base + 0x1000 + 4 + slot * 2))
+                .unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            mem.write_obj(self.avail_idx, GuestAddress(self.base + 0x1000 + 2))
+                .unwrap();
+        }
+
+        fn used_idx(&self, mem: &GuestMemory) -> u16 {
+            mem.read_obj(GuestAddress(self.base + 0x2000 + 2)).unwrap()
+        }
+
+        /// (id, len) of used entry `i`.
+        fn used(&self, mem: &GuestMemory, i: u16) -> (u32, u32) {
+            let e = self.base + 0x2000 + 4 + u64::from(i % QSIZE) * 8;
+            (
+                mem.read_obj(GuestAddress(e)).unwrap(),
+                mem.read_obj(GuestAddress(e + 4)).unwrap(),
+            )
+        }
+    }
+
+    fn buf(i: u16) -> u64 {
+        BUFS + u64::from(i) * 0x1_0000
+    }
+
+    fn guest_pkt(op: u16, src_port: u32, dst_port: u32, len: u32) -> [u8; HDR_LEN] {
+        Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc: 65536,
+            ..Header::default()
+        }
+        .to_bytes()
+    }
+
+    #[test]
+    fn queues_survive_hostile_chains_and_carry_a_connection() {
+        let dir = std::env::temp_dir().join(format!("ember-vsock-dev-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let uds = dir.join("v.sock").to_string_lossy().into_owned();
+        let host = std::os::unix::net::UnixListener::bind(format!("{uds}_77")).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let (mut rx, rxq) = Vq::new(&mem, 0);
+        let (mut tx, txq) = Vq::new(&mem, 1);
+        let (_ev, evq) = Vq::new(&mem, 2);
+        let mut dev = Vsock::new(3, &uds).unwrap();
+        let irq = EventFd::new(0).unwrap();
+        let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::from_eventfd(
+            irq.try_clone().unwrap(),
+        )));
+        dev.activate(mem.clone(), vec![rxq, txq, evq], interrupt, 0)
+            .unwrap();
+
+        // Hostile TX chains, each dropped alone: a device-writable descriptor, a chain
+        // shorter than a header, a length beyond the chain, one outside guest memory,
+        // and a descriptor loop.
+        mem.write_slice(&guest_pkt(OP_RW, 1, 2, 0), GuestAddress(buf(0)))
+            .unwrap();
+        tx.desc(&mem, 0, buf(0), 44, VRING_DESC_F_WRITE, 0);
+        tx.desc(&mem, 1, buf(0), 20, 0, 0);
+        mem.write_slice(&guest_pkt(OP_RW, 1, 2, 1000), GuestAddress(buf(2)))
+            .unwrap();
+        tx.desc(&mem, 2, buf(2), 100, 0, 0);
+        tx.desc(&mem, 3, 0x3f_fff0, 0x100, 0, 0);
+        tx.desc(&mem, 4, buf(0), 44, VRING_DESC_F_NEXT, 5);
+        tx.desc(&mem, 5, buf(0), 44, VRING_DESC_F_NEXT, 4);
+        // Then a well-formed packet for a connection that does not exist.
+        mem.write_slice(&guest_pkt(OP_RW, 1, 2, 0), GuestAddress(buf(12)))
+            .unwrap();
+        tx.desc(&mem, 9, buf(12), 44, 0, 0);
+        for h in [0, 1, 2, 3, 4, 9] {
+            tx.publish(&mem, h);
+        }
+        assert!(!dev.process_queue(TX_QUEUE));
+        assert_eq!(tx.used_idx(&mem), 6);
+
+        // The driver posts RX buffers, one of them too short for a header.
+        rx.desc(&mem, 0, buf(8), 16, VRING_DESC_F_WRITE, 0);
+        rx.publish(&mem, 0);
+        for i in 1..4u16 {
+            rx.desc(&mem, i, buf(8 + i), 4096, VRING_DESC_F_WRITE, 0);
+            rx.publish(&mem, i);
+        }
+        dev.process_queue(RX_QUEUE);
+        // The RW for no connection gets an RST (the short buffer is skipped); the
+        // malformed ones nothing.
+        assert_eq!(rx.used_idx(&mem), 2);
+        assert_eq!(rx.used(&mem, 0), (0, 0));
+        let (id, len) = rx.used(&mem, 1);
+        assert_eq!((id, len), (1, HDR_LEN as u32));
+        let mut raw = [0u8; HDR_LEN];
+        mem.read_slice(&mut raw, GuestAddress(buf(9))).unwrap();
+        let h = Header::from_bytes(&raw);
+        assert_eq!((h.op, h.src_port, h.dst_port, h.dst_cid), (OP_RST, 2, 1, 3));
+
+        // A guest connection to port 77: the header and the data in separate descriptors.
+        mem.write_slice(&guest_pkt(OP_REQUEST, 1000, 77, 0), GuestAddress(buf(6)))
+            .unwrap();
+        tx.desc(&mem, 6, buf(6), 44, 0, 0);
+        tx.publish(&mem, 6);
+        dev.process_queue(TX_QUEUE);
+        let (mut peer, _) = host.accept().unwrap();
+        assert_eq!(rx.used_idx(&mem), 3);
+        mem.read_slice(&mut raw, GuestAddress(buf(10))).unwrap();
+        assert_eq!(Header::from_bytes(&raw).op, OP_RESPONSE);
+        mem.write_slice(&guest_pkt(OP_RW, 1000, 77, 5), GuestAddress(buf(7)))
+            .unwrap();
+        mem.write_slice(b"hello", GuestAddress(buf(7) + 0x1000))
+            .unwrap();
+        tx.desc(&mem, 7, buf(7), 44, VRING_DESC_F_NEXT, 8);
+        tx.desc(&mem, 8, buf(7) + 0x1000, 5, 0, 0);
+        tx.publish(&mem, 7);
+        dev.process_queue(TX_QUEUE);
+        let mut got = [0u8; 5];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        // And back: the host writes, the event loop's pass fills the next RX buffer.
+        peer.write_all(b"world").unwrap();
+        for _ in 0..100 {
+            dev.process_event(0);
+            if rx.used_idx(&mem) == 4 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(rx.used(&mem, 3), (3, HDR_LEN as u32 + 5));
+        let mut data = [0u8; 5];
+        mem.read_slice(&mut data, GuestAddress(buf(11) + HDR_LEN as u64))
+            .unwrap();
+        assert_eq!(&data, b"world");
+        assert!(irq.read().unwrap() > 0);
+        drop(UnixStream::connect(&uds).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
