@@ -550,4 +550,91 @@ fn put_vsock_through_the_api() {
     assert_eq!(code, 400, "{msg}");
     let _ = child.kill();
     let _ = child.wait();
+    drop(dir);
+}
+
+#[test]
+fn out_of_descriptors_pauses_accepting_without_spinning() {
+    use std::os::unix::process::CommandExt;
+    let dir = TempDir::new("vsock-emfile");
+    let uds = dir.path("v.sock");
+    let config = guest_config(
+        "console=ttyS0 ember_test=vsock",
+        1,
+        128,
+        &format!(
+            r#""vsock": {{"guest_cid": 3, "uds_path": "{}"}}"#,
+            uds.display()
+        ),
+    );
+    let cfg = dir.path("vm.json");
+    std::fs::write(&cfg, config).unwrap();
+    let mut cmd = std::process::Command::new(EMBER);
+    cmd.args(["--no-api", "--config-file", cfg.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path("stderr")).unwrap());
+    // SAFETY: setrlimit is async-signal-safe; it limits only the child about to exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // ember itself needs about 30 descriptors: room for a dozen connections.
+            let l = libc::rlimit {
+                rlim_cur: 44,
+                rlim_max: 44,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    // Connect until one gets no OK: ember is out of descriptors.
+    let start = Instant::now();
+    let mut open = Vec::new();
+    let waiting = loop {
+        assert!(start.elapsed() < Duration::from_secs(60), "never ran out");
+        let Ok(mut s) = UnixStream::connect(&uds) else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        s.write_all(b"CONNECT 1024\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 3];
+        match s.read_exact(&mut b) {
+            Ok(()) if &b == b"OK " => {
+                read_line(&mut s);
+                open.push(s);
+            }
+            Ok(()) => panic!("unexpected reply {b:?}"),
+            // Before the guest is up the connection is refused (reset); after, no answer.
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            Err(_) if !open.is_empty() => break s,
+            Err(_) => {}
+        }
+    };
+    assert!(
+        open.len() >= 5,
+        "only {} connections before running out",
+        open.len()
+    );
+    // The event loop retries every 100 ms instead of spinning on a listener that stays
+    // readable (every failed accept logs a line; spinning logs thousands a second).
+    std::thread::sleep(Duration::from_secs(1));
+    let failed = std::fs::read_to_string(dir.path("stderr"))
+        .unwrap()
+        .matches("cannot accept a host connection")
+        .count();
+    assert!(
+        (1..40).contains(&failed),
+        "{failed} failed accepts in about 1 s"
+    );
+    // Descriptors come back: the waiting connection is served.
+    open.truncate(open.len() - 3);
+    let mut s = waiting;
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    assert!(read_line(&mut s).starts_with("OK "));
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(dir);
 }

@@ -36,6 +36,8 @@ const MAX_PREAMBLE_LEN: usize = 32;
 /// RSTs for packets that match no connection, waiting for RX buffers; beyond this the
 /// guest's socket finds out by its own timeout.
 const MAX_PENDING_RSTS: usize = 256;
+/// How long accepting pauses after it failed for want of resources.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 /// Local ports for host-initiated connections: Firecracker's range [2^30, 2^31).
 const LOCAL_PORT_FIRST: u32 = 1 << 30;
 
@@ -64,6 +66,9 @@ pub struct Muxer {
     rxq: VecDeque<Key>,
     rsts: VecDeque<Key>,
     last_local_port: u32,
+    /// accept failed for want of descriptors or memory: the listener is out of the epoll
+    /// set (it would stay readable and spin the event loop) until this time.
+    listener_retry_at: Option<Instant>,
 }
 
 fn ctl(
@@ -125,6 +130,7 @@ impl Muxer {
             rxq: VecDeque::new(),
             rsts: VecDeque::new(),
             last_local_port: LOCAL_PORT_FIRST - 1,
+            listener_retry_at: None,
         })
     }
 
@@ -184,6 +190,7 @@ impl Muxer {
                     unsafe { libc::read(self.timer.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
                     self.timer_at = None;
                     self.expire();
+                    self.resume_listener();
                 }
                 TOKEN_WAKE => {
                     let _ = self.wake.read();
@@ -217,7 +224,17 @@ impl Muxer {
             if fd < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() != ErrorKind::WouldBlock && e.kind() != ErrorKind::Interrupted {
-                    log::warn!("vsock: cannot accept a host connection: {e}");
+                    // EMFILE, ENFILE, ENOMEM...: the connection stays in the backlog; try
+                    // again later rather than spin on a listener that stays readable.
+                    log::warn!("vsock: cannot accept a host connection: {e}; retrying in 100 ms");
+                    let _ = ctl(
+                        &self.epoll,
+                        ControlOperation::Delete,
+                        self.listener.as_raw_fd(),
+                        EventSet::empty(),
+                        0,
+                    );
+                    self.listener_retry_at = Some(Instant::now() + ACCEPT_RETRY);
                 }
                 return;
             }
@@ -245,6 +262,22 @@ impl Muxer {
             }
             self.preambles
                 .insert(fd, (stream, Vec::with_capacity(MAX_PREAMBLE_LEN)));
+        }
+    }
+
+    fn resume_listener(&mut self) {
+        if self.listener_retry_at.is_some_and(|t| t <= Instant::now()) {
+            self.listener_retry_at = None;
+            let fd = self.listener.as_raw_fd();
+            if let Err(e) = ctl(
+                &self.epoll,
+                ControlOperation::Add,
+                fd,
+                EventSet::IN,
+                TOKEN_LISTENER,
+            ) {
+                log::error!("vsock: cannot watch the listener again: {e}");
+            }
         }
     }
 
@@ -527,7 +560,12 @@ impl Muxer {
     /// Points the timer at the earliest request or shutdown deadline (after every pass:
     /// delivering a REQUEST or a SHUTDOWN to the guest starts one).
     pub fn arm_timer(&mut self) {
-        let next = self.conns.values().filter_map(|c| c.expiry).min();
+        let next = self
+            .conns
+            .values()
+            .filter_map(|c| c.expiry)
+            .chain(self.listener_retry_at)
+            .min();
         if next == self.timer_at {
             return;
         }
