@@ -24,7 +24,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory as _, Permissions};
 use self::metrics::{METRICS, inc};
 use self::muxer::Muxer;
 use self::packet::{HDR_LEN, Header};
-use super::{ActivateError, VirtioDevice, VirtioInterrupt};
+use super::{ActivateError, Interest, VirtioDevice, VirtioInterrupt, Work};
 use crate::vm::memory::GuestMemory;
 
 /// virtio device ID of vsock.
@@ -35,6 +35,8 @@ const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 const EVENT_QUEUE: usize = 2;
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+/// The event source number of the muxer's epoll fd.
+const SOURCE_MUXER: u16 = 0;
 /// The largest payload of one packet, either way (Firecracker's and Linux's limit).
 pub const MAX_PKT_DATA: usize = 64 * 1024;
 
@@ -304,6 +306,10 @@ impl VirtioDevice for Vsock {
         &QUEUE_SIZES
     }
 
+    fn config_len(&self) -> usize {
+        8
+    }
+
     /// `struct virtio_vsock_config { le64 guest_cid; }`
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let cfg = self.guest_cid.to_le_bytes();
@@ -346,7 +352,7 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
-    fn process_queue(&mut self, index: usize) -> bool {
+    fn process_queue(&mut self, index: usize, _interest: &mut dyn Interest) -> Work {
         let more = match index {
             RX_QUEUE => {
                 self.run_rx();
@@ -362,7 +368,7 @@ impl VirtioDevice for Vsock {
             _ => false,
         };
         self.muxer.arm_timer();
-        more
+        if more { Work::More } else { Work::Done }
     }
 
     fn reset(&mut self) {
@@ -370,16 +376,19 @@ impl VirtioDevice for Vsock {
         self.muxer.reset();
     }
 
-    fn event_sources(&self) -> Vec<RawFd> {
-        vec![self.muxer.epoll_fd()]
+    /// The muxer's own epoll set: `Interest` watches for input only, and a host stream
+    /// must also be watched for room to write (a host peer that was slow to read).
+    fn event_sources(&self) -> Vec<(RawFd, u16)> {
+        vec![(self.muxer.epoll_fd(), SOURCE_MUXER)]
     }
 
-    fn process_event(&mut self, source: usize) {
-        if source == 0 {
+    fn process_event(&mut self, source: u16, _interest: &mut dyn Interest) -> Work {
+        if source == SOURCE_MUXER {
             self.muxer.process_events();
             self.run_rx();
             self.muxer.arm_timer();
         }
+        Work::Done
     }
 }
 
@@ -398,6 +407,18 @@ mod tests {
 
     const QSIZE: u16 = 16;
     const RINGS: u64 = 0x1000;
+
+    /// The device keeps its own epoll set and never asks the event loop for more.
+    struct NoInterest;
+
+    impl Interest for NoInterest {
+        fn watch(&mut self, _fd: RawFd, _source: u16) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn unwatch(&mut self, _fd: RawFd) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
     const BUFS: u64 = 0x10_0000;
 
     /// One virtqueue as a driver sees it (rings of queue q at 0x1000 + q * 0x3000).
@@ -508,7 +529,7 @@ mod tests {
         for h in [0, 1, 2, 3, 4, 9] {
             tx.publish(&mem, h);
         }
-        assert!(!dev.process_queue(TX_QUEUE));
+        assert_eq!(dev.process_queue(TX_QUEUE, &mut NoInterest), Work::Done);
         assert_eq!(tx.used_idx(&mem), 6);
 
         // The driver posts RX buffers, one of them too short for a header.
@@ -518,7 +539,7 @@ mod tests {
             rx.desc(&mem, i, buf(8 + i), 4096, VRING_DESC_F_WRITE, 0);
             rx.publish(&mem, i);
         }
-        dev.process_queue(RX_QUEUE);
+        dev.process_queue(RX_QUEUE, &mut NoInterest);
         // The RW for no connection gets an RST (the short buffer is skipped); the
         // malformed ones nothing.
         assert_eq!(rx.used_idx(&mem), 2);
@@ -535,7 +556,7 @@ mod tests {
             .unwrap();
         tx.desc(&mem, 6, buf(6), 44, 0, 0);
         tx.publish(&mem, 6);
-        dev.process_queue(TX_QUEUE);
+        dev.process_queue(TX_QUEUE, &mut NoInterest);
         let (mut peer, _) = host.accept().unwrap();
         assert_eq!(rx.used_idx(&mem), 3);
         mem.read_slice(&mut raw, GuestAddress(buf(10))).unwrap();
@@ -547,14 +568,14 @@ mod tests {
         tx.desc(&mem, 7, buf(7), 44, VRING_DESC_F_NEXT, 8);
         tx.desc(&mem, 8, buf(7) + 0x1000, 5, 0, 0);
         tx.publish(&mem, 7);
-        dev.process_queue(TX_QUEUE);
+        dev.process_queue(TX_QUEUE, &mut NoInterest);
         let mut got = [0u8; 5];
         peer.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"hello");
         // And back: the host writes, the event loop's pass fills the next RX buffer.
         peer.write_all(b"world").unwrap();
         for _ in 0..100 {
-            dev.process_event(0);
+            dev.process_event(SOURCE_MUXER, &mut NoInterest);
             if rx.used_idx(&mem) == 4 {
                 break;
             }
