@@ -13,7 +13,7 @@ ember: a minimal KVM microVM monitor (Firecracker-compatible API and config file
 Usage: ember [--api-sock PATH | --no-api] [--config-file FILE] [options]
 
 Options:
-  --api-sock PATH                   serve the HTTP API on this Unix socket (default /run/ember.socket)
+  --api-sock PATH                   serve the HTTP API on this Unix socket (default /run/firecracker.socket)
   --no-api                          no API; needs --config-file
   --config-file FILE                boot from a JSON file in Firecracker's schema
   --id ID                           instance id (1-64 letters, digits, hyphens; default anonymous-instance)
@@ -21,13 +21,24 @@ Options:
   --log-path PATH                   write the log here instead of stderr
   --show-level                      prefix log lines with their level
   --show-log-origin                 prefix log lines with file:line
+  --module MODULE                   log only records from this module path (e.g. ember::devices)
   --metrics-path PATH               write metrics (JSON lines) here
   --boot-timer                      add the boot-timer device (guest writes 123 at 0xd0000000)
   --http-api-max-payload-size N     largest accepted API body in bytes (default 51200)
+  --start-time-us US                when the launch began (wall clock, µs since the epoch; set by jailers)
+  --start-time-cpu-us US            the launcher's CPU time at that point (µs)
+  --parent-cpu-time-us US           CPU time the launcher spent before starting ember (µs)
+  --metadata FILE                   MMDS contents (JSON); kept, MMDS is not implemented yet (warning)
+  --mmds-size-limit BYTES           MMDS data store size limit; kept, MMDS is not implemented yet (warning)
+  --enable-pci                      accepted; ember's devices are on virtio-mmio (warning)
+  --snapshot-version                print the snapshot format version and exit
+  --describe-snapshot FILE          print the format version of a snapshot file and exit
   --version                         print the version and exit
   --help                            print this help and exit
 
-Jail (see src/jail/mod.rs; as Firecracker's jailer where they overlap):
+Jail (see src/jail/mod.rs; as Firecracker's jailer where they overlap). ember also takes
+Firecracker's jailer command line itself, when started as `jailer` or as `ember jailer`:
+  jailer --id ID --exec-file BIN --uid U --gid G [jail options] -- [ember options]
   --jail                            confine ember: namespaces, pivot_root, cgroups, rlimits, uid/gid
   --uid UID, --gid GID              the user and group ember drops to (required with --jail)
   --chroot-base-dir DIR             jails are built in DIR/ember/ID/root (default /srv/ember)
@@ -57,6 +68,17 @@ pub struct Args {
     pub max_payload: Option<usize>,
     pub version: bool,
     pub help: bool,
+    pub module: Option<String>,
+    /// Firecracker's boot-time inputs, as a jailer passes them (see `metrics::StartTimes`).
+    pub start_time_us: Option<u64>,
+    pub start_time_cpu_us: Option<u64>,
+    pub parent_cpu_time_us: Option<u64>,
+    /// MMDS inputs, kept for the MMDS until it exists (a warning says so).
+    pub metadata: Option<PathBuf>,
+    pub mmds_size_limit: Option<usize>,
+    pub enable_pci: bool,
+    pub snapshot_version: bool,
+    pub describe_snapshot: Option<PathBuf>,
     // Jail and seccomp (src/jail, src/seccomp.rs): stored as given, validated by
     // jail::JailArgs::from_cli and seccomp::SeccompConfig::from_flags.
     pub jail: bool,
@@ -72,6 +94,10 @@ pub struct Args {
     pub daemonize: bool,
     pub no_seccomp: bool,
     pub seccomp_filter: Option<PathBuf>,
+    /// Set by the jailer form only (`parse_jailer`): the binary the jailer was asked to
+    /// run. ember runs itself in the jail, so this names the jail directory
+    /// (`<base>/<basename>/<id>`) and must be this ember.
+    pub exec_file: Option<PathBuf>,
 }
 
 /// Flags that may be given more than once.
@@ -159,6 +185,18 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, ArgError> 
                     })?;
                 a.max_payload = Some(n);
             }
+            "--module" => a.module = Some(value(&mut it)?),
+            "--start-time-us" => a.start_time_us = Some(number(&flag, &value(&mut it)?)?),
+            "--start-time-cpu-us" => a.start_time_cpu_us = Some(number(&flag, &value(&mut it)?)?),
+            "--parent-cpu-time-us" => a.parent_cpu_time_us = Some(number(&flag, &value(&mut it)?)?),
+            "--metadata" => a.metadata = Some(value(&mut it)?.into()),
+            "--mmds-size-limit" => {
+                let n = number(&flag, &value(&mut it)?)?;
+                a.mmds_size_limit = Some(usize::try_from(n).unwrap_or(usize::MAX));
+            }
+            "--enable-pci" => switch(&mut a.enable_pci)?,
+            "--snapshot-version" => switch(&mut a.snapshot_version)?,
+            "--describe-snapshot" => a.describe_snapshot = Some(value(&mut it)?.into()),
             "--version" | "-V" => switch(&mut a.version)?,
             "--help" | "-h" => switch(&mut a.help)?,
             // Jail and seccomp.
@@ -178,9 +216,127 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, ArgError> 
             _ => return Err(ArgError::Unknown(arg)),
         }
     }
-    if a.no_api && a.config_file.is_none() && !a.help && !a.version {
+    let informational = a.help || a.version || a.snapshot_version || a.describe_snapshot.is_some();
+    if a.no_api && a.config_file.is_none() && !informational {
         return Err(ArgError::NoApiWithoutConfig);
     }
+    Ok(a)
+}
+
+fn number(flag: &str, v: &str) -> Result<u64, ArgError> {
+    v.parse::<u64>().map_err(|_| ArgError::Invalid {
+        flag: flag.to_string(),
+        why: format!("`{v}` is not a non-negative integer"),
+    })
+}
+
+/// Whether ember was started as Firecracker's jailer: under the name `jailer` (a link
+/// named so, as engines configure a `jailer_path`) or as `ember jailer ...`. Returns the
+/// arguments that follow.
+pub fn jailer_invocation(argv0: &str, rest: &[String]) -> Option<Vec<String>> {
+    let name = std::path::Path::new(argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    if name == "jailer" {
+        Some(rest.to_vec())
+    } else if rest.first().map(String::as_str) == Some("jailer") {
+        Some(rest.iter().skip(1).cloned().collect())
+    } else {
+        None
+    }
+}
+
+/// Parses Firecracker's jailer command line, `--id ID --exec-file BIN --uid U --gid G
+/// [jail flags] -- [VMM flags]`, into the same `Args` as `ember --jail ...`. The VMM
+/// flags are ember's (Firecracker's) own; the jailer's appended `--id` and start times
+/// are taken from the jailer's side, as Firecracker's jailer passes them on.
+pub fn parse_jailer<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, ArgError> {
+    let argv: Vec<String> = argv.into_iter().collect();
+    let split = argv.iter().position(|a| a == "--").unwrap_or(argv.len());
+    let (jailer, vmm) = argv.split_at(split);
+    let mut a = parse(vmm.iter().skip(1).cloned())?;
+    if a.jail || a.uid.is_some() || a.gid.is_some() || a.chroot_base_dir.is_some() {
+        return Err(ArgError::Invalid {
+            flag: "--".into(),
+            why: "jail flags go before `--`, the VMM's flags after it".into(),
+        });
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut it = jailer.iter().cloned();
+    let vmm_id = a.id.take();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        if !seen.insert(flag.clone()) && !REPEATABLE.contains(&flag.as_str()) {
+            return Err(ArgError::Duplicate(flag));
+        }
+        let mut value = || -> Result<String, ArgError> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => it
+                    .next()
+                    .ok_or_else(|| ArgError::MissingValue(flag.clone())),
+            }
+        };
+        match flag.as_str() {
+            "--id" => {
+                let id = value()?;
+                if !valid_id(&id) {
+                    return Err(ArgError::Invalid {
+                        flag,
+                        why: format!("`{id}` is not 1-64 ASCII letters, digits and hyphens"),
+                    });
+                }
+                a.id = Some(id);
+            }
+            "--exec-file" => a.exec_file = Some(value()?.into()),
+            "--uid" => a.uid = Some(value()?),
+            "--gid" => a.gid = Some(value()?),
+            "--chroot-base-dir" => a.chroot_base_dir = Some(value()?.into()),
+            "--netns" => a.netns = Some(value()?.into()),
+            "--cgroup-version" => a.cgroup_version = Some(value()?),
+            "--cgroup" => a.cgroups.push(value()?),
+            "--parent-cgroup" => a.parent_cgroup = Some(value()?),
+            "--resource-limit" => a.resource_limits.push(value()?),
+            // An old jailer flag (NUMA node) that engines such as Kata still pass; ember
+            // leaves placement to the cgroup settings (`--cgroup cpuset.mems=N`).
+            "--node" => {
+                let n = value()?;
+                log::warn!("jailer: `--node {n}` is ignored; use --cgroup cpuset.mems=N");
+            }
+            "--daemonize" if inline.is_none() => a.daemonize = true,
+            "--new-pid-ns" if inline.is_none() => a.new_pid_ns = true,
+            "--daemonize" | "--new-pid-ns" => return Err(ArgError::UnexpectedValue(flag)),
+            "--help" | "-h" => a.help = true,
+            "--version" | "-V" => a.version = true,
+            _ => return Err(ArgError::Unknown(arg)),
+        }
+    }
+    if a.help || a.version {
+        return Ok(a);
+    }
+    for (flag, missing) in [
+        ("--id", a.id.is_none()),
+        ("--exec-file", a.exec_file.is_none()),
+        ("--uid", a.uid.is_none()),
+        ("--gid", a.gid.is_none()),
+    ] {
+        if missing {
+            return Err(ArgError::MissingValue(format!("jailer {flag}")));
+        }
+    }
+    if let (Some(v), Some(j)) = (&vmm_id, &a.id)
+        && v != j
+    {
+        return Err(ArgError::Invalid {
+            flag: "--id".into(),
+            why: format!("the jailer's `{j}` and the VMM's `{v}` differ"),
+        });
+    }
+    a.jail = true;
     Ok(a)
 }
 
@@ -211,6 +367,171 @@ mod tests {
         assert!(a.no_api);
         assert_eq!(a.config_file.unwrap().to_str(), Some("vm.json"));
         assert_eq!(a.level.as_deref(), Some("Debug"));
+    }
+
+    /// Every Firecracker flag is accepted (issue 14), with its value kept.
+    #[test]
+    fn every_firecracker_flag() {
+        let a = p(&[
+            "--api-sock",
+            "/s",
+            "--id",
+            "vm-1",
+            "--seccomp-filter",
+            "/f",
+            "--start-time-us",
+            "12",
+            "--start-time-cpu-us",
+            "3",
+            "--parent-cpu-time-us",
+            "4",
+            "--config-file",
+            "/c",
+            "--metadata",
+            "/m.json",
+            "--mmds-size-limit",
+            "1024",
+            "--log-path",
+            "/l",
+            "--level",
+            "Info",
+            "--module",
+            "ember::api",
+            "--show-level",
+            "--show-log-origin",
+            "--metrics-path",
+            "/mx",
+            "--boot-timer",
+            "--http-api-max-payload-size",
+            "100",
+            "--enable-pci",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.start_time_us, a.start_time_cpu_us, a.parent_cpu_time_us),
+            (Some(12), Some(3), Some(4))
+        );
+        assert_eq!(a.mmds_size_limit, Some(1024));
+        assert_eq!(a.metadata.unwrap().to_str(), Some("/m.json"));
+        assert_eq!(a.module.as_deref(), Some("ember::api"));
+        assert!(a.enable_pci && a.boot_timer && a.show_level && a.show_log_origin);
+        assert!(
+            p(&["--no-seccomp", "--no-api", "--config-file", "c"])
+                .unwrap()
+                .no_seccomp
+        );
+        assert!(p(&["--version"]).unwrap().version);
+        assert!(p(&["--snapshot-version"]).unwrap().snapshot_version);
+        assert!(
+            p(&["--describe-snapshot", "/s"])
+                .unwrap()
+                .describe_snapshot
+                .is_some()
+        );
+        assert!(matches!(
+            p(&["--start-time-us", "x"]),
+            Err(ArgError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn jailer_command_line() {
+        let argv = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            jailer_invocation("/usr/bin/jailer", &argv(&["--id", "a"])),
+            Some(argv(&["--id", "a"]))
+        );
+        assert_eq!(
+            jailer_invocation("ember", &argv(&["jailer", "--id", "a"])),
+            Some(argv(&["--id", "a"]))
+        );
+        assert_eq!(jailer_invocation("ember", &argv(&["--id", "a"])), None);
+        let a = parse_jailer(argv(&[
+            "--id",
+            "vm1",
+            "--node",
+            "0",
+            "--exec-file",
+            "/usr/bin/ember",
+            "--uid",
+            "0",
+            "--gid",
+            "0",
+            "--chroot-base-dir",
+            "/run/kata",
+            "--daemonize",
+            "--netns",
+            "/var/run/netns/n",
+            "--cgroup",
+            "cpu.max=1",
+            "--cgroup",
+            "memory.max=2",
+            "--",
+            "--config-file",
+            "/fc.json",
+            "--id",
+            "vm1",
+            "--start-time-us",
+            "5",
+        ]))
+        .unwrap();
+        assert!(a.jail && a.daemonize);
+        assert_eq!(a.id.as_deref(), Some("vm1"));
+        assert_eq!(a.exec_file.unwrap().to_str(), Some("/usr/bin/ember"));
+        assert_eq!(a.cgroups.len(), 2);
+        assert_eq!(a.config_file.unwrap().to_str(), Some("/fc.json"));
+        assert_eq!(a.start_time_us, Some(5));
+        // What the jailer needs.
+        assert!(matches!(
+            parse_jailer(argv(&["--id", "a", "--uid", "0", "--gid", "0"])),
+            Err(ArgError::MissingValue(_))
+        ));
+        assert!(matches!(
+            parse_jailer(argv(&[
+                "--id",
+                "a",
+                "--exec-file",
+                "/e",
+                "--uid",
+                "0",
+                "--gid",
+                "0",
+                "--bogus"
+            ])),
+            Err(ArgError::Unknown(_))
+        ));
+        // The two ids must agree; VMM flags after `--` are ember's.
+        assert!(
+            parse_jailer(argv(&[
+                "--id",
+                "a",
+                "--exec-file",
+                "/e",
+                "--uid",
+                "0",
+                "--gid",
+                "0",
+                "--",
+                "--id",
+                "b"
+            ]))
+            .is_err()
+        );
+        assert!(matches!(
+            parse_jailer(argv(&[
+                "--id",
+                "a",
+                "--exec-file",
+                "/e",
+                "--uid",
+                "0",
+                "--gid",
+                "0",
+                "--",
+                "--bogus"
+            ])),
+            Err(ArgError::Unknown(_))
+        ));
     }
 
     #[test]

@@ -43,6 +43,24 @@ pub struct Controller {
     /// Files a jail imported, as (path inside the jail, path the user gave): GET
     /// /vm/config reports paths as the user gave them.
     pub path_aliases: Vec<(String, String)>,
+    /// `--metadata` (parsed JSON) and `--mmds-size-limit`, kept for the MMDS, which ember
+    /// does not implement yet.
+    pub mmds_metadata: Option<serde_json::Value>,
+    pub mmds_size_limit: Option<usize>,
+}
+
+/// Firecracker opens the files a PUT names when it is applied, so a wrong path fails that
+/// request rather than InstanceStart; ember checks the same way (and the builder opens
+/// them again at InstanceStart).
+fn check_openable(what: &str, path: &str, write: bool) -> Result<(), ActionError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map(drop)
+        .map_err(|e| {
+            ActionError::bad_request(format!("The {what} file {path} cannot be opened: {e}"))
+        })
 }
 
 fn seccomp_error(e: crate::seccomp::SeccompError) -> builder::BuildError {
@@ -72,6 +90,8 @@ impl Controller {
             exit,
             boot_timer,
             path_aliases: Vec::new(),
+            mmds_metadata: None,
+            mmds_size_limit: None,
         }
     }
 
@@ -150,11 +170,13 @@ impl Controller {
             Action::GetInstanceInfo => json(serde_json::json!({
                 "id": self.id,
                 "state": self.state.as_str(),
-                "vmm_version": env!("CARGO_PKG_VERSION"),
+                "vmm_version": crate::FIRECRACKER_API_VERSION,
                 "app_name": "ember",
+                "ember_version": crate::EMBER_VERSION,
             })),
             Action::GetVersion => json(serde_json::json!({
-                "firecracker_version": env!("CARGO_PKG_VERSION"),
+                "firecracker_version": crate::FIRECRACKER_API_VERSION,
+                "ember_version": crate::EMBER_VERSION,
             })),
             Action::GetMachineConfig => Ok(ActionOk::Json(
                 serde_json::to_string(&self.config.machine_config).map_err(bad)?,
@@ -163,6 +185,10 @@ impl Controller {
             Action::PutBootSource(b) => {
                 self.pre_boot()?;
                 b.validate().map_err(bad)?;
+                check_openable("kernel", &b.kernel_image_path, false)?;
+                if let Some(initrd) = &b.initrd_path {
+                    check_openable("initrd", initrd, false)?;
+                }
                 self.config.boot_source = b;
                 Ok(ActionOk::NoContent)
             }
@@ -184,6 +210,8 @@ impl Controller {
             }
             Action::PutDrive(d) => {
                 self.pre_boot()?;
+                d.validate().map_err(bad)?;
+                check_openable("drive", &d.path_on_host, !d.is_read_only)?;
                 config::drive::insert_drive(&mut self.config.drives, d).map_err(bad)?;
                 Ok(ActionOk::NoContent)
             }
@@ -221,7 +249,8 @@ impl Controller {
             }
             Action::PutMetrics(m) => {
                 self.pre_boot()?;
-                crate::metrics::set_output(&m.metrics_path).map_err(bad)?;
+                m.validate().map_err(bad)?;
+                m.apply(&self.id).map_err(bad)?;
                 self.config.metrics = Some(m);
                 Ok(ActionOk::NoContent)
             }

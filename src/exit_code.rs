@@ -18,3 +18,5 @@ pub const ARG_PARSING: i32 = 153;
 /// SIGINT and SIGTERM stop the VM cleanly and exit with 128 + the signal number (130 and
 /// 143), as a shell reports a process that signal ended.
 pub const SIGNAL_BASE: i32 = 128;
+/// SIGHUP stops the VM cleanly too (flushed, cleaned up), with Firecracker's code for it.
+pub const SIGHUP: i32 = 156;

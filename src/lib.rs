@@ -17,3 +17,12 @@ pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;
+
+/// The Firecracker release whose API, config schema, command line and exit codes ember
+/// follows: reported where Firecracker reports its own version (`--version`'s first line,
+/// `GET /version`, `GET /`), so engines' version gates compare against it. ember's own
+/// version is `CARGO_PKG_VERSION`, reported next to it.
+pub const FIRECRACKER_API_VERSION: &str = "1.16.1";
+
+/// ember's own version.
+pub const EMBER_VERSION: &str = env!("CARGO_PKG_VERSION");

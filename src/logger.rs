@@ -70,6 +70,14 @@ pub fn configure(level: Option<LevelFilter>, show_level: Option<bool>, show_orig
     }
 }
 
+/// Logs only records whose module path starts with `m`; an empty `m` logs every module
+/// (Firecracker accepts an empty module).
+pub fn set_module(m: &str) {
+    if let Ok(mut g) = LOGGER.inner.lock() {
+        g.module = (!m.is_empty()).then(|| m.to_string());
+    }
+}
+
 /// Wall-clock time as RFC 3339 UTC with nanoseconds, computed without a date crate.
 fn timestamp() -> String {
     let now = std::time::SystemTime::now()
@@ -149,13 +157,9 @@ impl Log for Logger {
 /// Applies a `logger` section or `PUT /logger` body: absent fields keep their setting.
 pub fn apply_config(c: &crate::config::LoggerConfig) -> std::io::Result<()> {
     if let Some(path) = &c.log_path {
-        let f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(|e| {
-                std::io::Error::new(e.kind(), format!("cannot open log_path {path}: {e}"))
-            })?;
+        let f = crate::metrics::open_output(path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot open log_path {path}: {e}"))
+        })?;
         set_output(f);
     }
     configure(
@@ -163,10 +167,8 @@ pub fn apply_config(c: &crate::config::LoggerConfig) -> std::io::Result<()> {
         c.show_level,
         c.show_log_origin,
     );
-    if let Some(m) = &c.module
-        && let Ok(mut g) = LOGGER.inner.lock()
-    {
-        g.module = Some(m.clone());
+    if let Some(m) = &c.module {
+        set_module(m);
     }
     Ok(())
 }

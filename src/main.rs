@@ -16,8 +16,9 @@ use ember::vmm::{EventLoop, ProcessControl, Subscriber};
 use ember::{action, api, cli, config, exit_code, jail, logger, metrics, seccomp, vmm};
 use event_manager::SubscriberOps;
 
-/// Firecracker's default is /run/firecracker.socket.
-const DEFAULT_API_SOCK: &str = "/run/ember.socket";
+/// Firecracker's default, where engines that pass no `--api-sock` (Kata under the jailer)
+/// look for the socket: inside the jail when jailed.
+const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
 /// Metrics are flushed this often when a metrics path is set (Firecracker: 60 s).
 const METRICS_PERIOD_MS: i32 = 60_000;
 
@@ -64,6 +65,10 @@ enum StartError {
     Api(#[from] api::ApiError),
     #[error("cannot start the VM: {0}")]
     Boot(String),
+    #[error("--metadata {}: {why}", path.display())]
+    Metadata { path: PathBuf, why: String },
+    #[error("{0}")]
+    Snapshot(String),
 }
 
 impl StartError {
@@ -77,7 +82,9 @@ impl StartError {
             StartError::ReadConfig { .. }
             | StartError::Config { .. }
             | StartError::ConfigOutput(_)
+            | StartError::Metadata { .. }
             | StartError::Boot(_) => exit_code::BAD_CONFIGURATION,
+            StartError::Snapshot(_) => exit_code::GENERIC_ERROR,
             StartError::Seccomp(e) => e.exit_code(),
             StartError::Jail(e) => e.exit_code(),
             StartError::BlockSignals(_)
@@ -135,19 +142,95 @@ fn report(e: &StartError) {
     }
 }
 
+/// The command line: ember's own, or Firecracker's jailer's (see `cli::jailer_invocation`).
+fn parse_args() -> Result<cli::Args, StartError> {
+    let argv: Vec<String> = std::env::args().collect();
+    let argv0 = argv.first().map(String::as_str).unwrap_or("ember");
+    let rest = argv.get(1..).unwrap_or_default();
+    Ok(match cli::jailer_invocation(argv0, rest) {
+        Some(jailer_args) => cli::parse_jailer(jailer_args)?,
+        None => cli::parse(rest.iter().cloned())?,
+    })
+}
+
+/// `--version`: Firecracker's first line, so version gates that parse it (Kata reads the
+/// second field as semver) compare the API level ember implements; then ember's own.
+fn version_text() -> String {
+    format!(
+        "Firecracker v{api}\n\nember v{own} (implements the Firecracker v{api} API)\n",
+        api = ember::FIRECRACKER_API_VERSION,
+        own = ember::EMBER_VERSION,
+    )
+}
+
+/// One warning line for each flag ember accepts but does not act on (yet).
+fn warn_unimplemented_flags(args: &cli::Args) {
+    if args.enable_pci {
+        log::warn!(
+            "--enable-pci: ember has no PCI; its devices are on virtio-mmio (the guest finds them through the kernel command line)"
+        );
+    }
+    if let Some(p) = &args.metadata {
+        log::warn!(
+            "--metadata {}: kept, but ember has no MMDS yet: the guest cannot read it",
+            p.display()
+        );
+    }
+    if let Some(n) = args.mmds_size_limit {
+        log::warn!("--mmds-size-limit {n}: kept, but ember has no MMDS yet");
+    }
+}
+
+/// Reads `--metadata` (JSON, as Firecracker requires) for the MMDS.
+fn read_metadata(args: &cli::Args) -> Result<Option<serde_json::Value>, StartError> {
+    let Some(path) = &args.metadata else {
+        return Ok(None);
+    };
+    let bad = |why: String| StartError::Metadata {
+        path: path.clone(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| bad(format!("not valid JSON: {e}")))
+}
+
 /// Runs ember to the end; returns the exit code of the VM's stop.
 fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
-    let args = cli::parse(std::env::args().skip(1))?;
+    let args = parse_args()?;
     if args.help {
         print!("{}", cli::USAGE);
         return Ok(exit_code::OK);
     }
     if args.version {
-        println!("ember v{}", env!("CARGO_PKG_VERSION"));
+        print!("{}", version_text());
         return Ok(exit_code::OK);
     }
+    if args.snapshot_version || args.describe_snapshot.is_some() {
+        return Err(StartError::Snapshot(
+            "--snapshot-version / --describe-snapshot: this ember has no snapshot support yet"
+                .into(),
+        ));
+    }
+    let jail_args = jail::JailArgs::from_cli(&args)?;
+    let mut jail_guard = None;
+    // Firecracker's jailer form: the engine prepared the jail root (kernel, drives, the
+    // config file, FIFOs) and passes paths inside it, so ember enters the jail first and
+    // then reads everything from there, as Firecracker does after the jailer's exec.
+    if let Some(j) = jail_args.as_ref().filter(|j| j.engine_root) {
+        vmm::block_stop_signals().map_err(StartError::BlockSignals)?;
+        jail_guard = Some(enter_jail(j, None, &mut Vec::new(), inherited_fds)?);
+    }
     let id = init_logging(&args)?;
-    let mut file_config = read_config_file(&args)?;
+    warn_unimplemented_flags(&args);
+    let start_times = metrics::StartTimes {
+        start_time_us: args.start_time_us,
+        start_time_cpu_us: args.start_time_cpu_us,
+        parent_cpu_time_us: args.parent_cpu_time_us,
+    };
+    let mmds_metadata = read_metadata(&args)?;
+    let mut file_config = read_config_file(&args, &id)?;
     metrics::timeline_mark(&metrics::METRICS.boot_timeline_us.config_ready);
 
     vmm::block_stop_signals().map_err(StartError::BlockSignals)?;
@@ -159,15 +242,14 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
     seccomp::init(&seccomp_config)?;
     // Host paths the jail imported, as (path inside the jail, path the user gave).
     let mut path_aliases = Vec::new();
-    let jail_guard = match jail::JailArgs::from_cli(&args)? {
-        Some(j) => Some(enter_jail(
-            &j,
+    if let Some(j) = jail_args.as_ref().filter(|j| !j.engine_root) {
+        jail_guard = Some(enter_jail(
+            j,
             file_config.as_mut(),
             &mut path_aliases,
             inherited_fds,
-        )?),
-        None => None,
-    };
+        )?);
+    }
 
     let exit = Arc::new(ExitSignal::new().map_err(StartError::EventFd)?);
     let mut event_loop = EventLoop::new().map_err(|e| StartError::EventLoop(format!("{e:?}")))?;
@@ -183,6 +265,8 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
         args.boot_timer,
     );
     controller.path_aliases = path_aliases;
+    controller.mmds_metadata = mmds_metadata;
+    controller.mmds_size_limit = args.mmds_size_limit;
     // The API thread, unless --no-api: it only parses and forwards actions to this thread.
     let api = if args.no_api {
         None
@@ -198,6 +282,9 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
         let server = api::start(&path, sender, max)?;
         Some((server, receiver))
     };
+    // Firecracker reports these once its API is up (and ember, without the API, once the
+    // VM is configured).
+    metrics::report_start_times(&start_times);
 
     if file_config.is_some()
         && let Err(e) = controller.handle(Action::InstanceStart, &mut event_loop)
@@ -258,15 +345,16 @@ fn init_logging(args: &cli::Args) -> Result<String, StartError> {
         .clone()
         .unwrap_or_else(|| "anonymous-instance".into());
     logger::init(&id, level, args.show_level, args.show_log_origin);
+    if let Some(m) = &args.module {
+        logger::set_module(m);
+    }
     if let Some(path) = &args.log_path {
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(|source| StartError::LogFile {
+        let file = metrics::open_output(&path.to_string_lossy()).map_err(|source| {
+            StartError::LogFile {
                 path: path.clone(),
                 source,
-            })?;
+            }
+        })?;
         logger::set_output(file);
     }
     if let Some(path) = &args.metrics_path {
@@ -277,7 +365,7 @@ fn init_logging(args: &cli::Args) -> Result<String, StartError> {
 
 /// The configuration file, if any: parsed and validated before anything else happens,
 /// and its logger and metrics sections applied.
-fn read_config_file(args: &cli::Args) -> Result<Option<config::VmConfig>, StartError> {
+fn read_config_file(args: &cli::Args, id: &str) -> Result<Option<config::VmConfig>, StartError> {
     let Some(path) = &args.config_file else {
         return Ok(None);
     };
@@ -293,7 +381,7 @@ fn read_config_file(args: &cli::Args) -> Result<Option<config::VmConfig>, StartE
         logger::apply_config(l).map_err(StartError::ConfigOutput)?;
     }
     if let Some(m) = &c.metrics {
-        metrics::set_output(&m.metrics_path).map_err(StartError::ConfigOutput)?;
+        m.apply(id).map_err(StartError::ConfigOutput)?;
     }
     Ok(Some(c))
 }

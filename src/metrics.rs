@@ -19,9 +19,15 @@ pub struct Metrics {
     pub boot_timeline_us: Timeline,
 }
 
-/// API request accounting.
+/// API request accounting, and Firecracker's start-up times.
 #[derive(Default, Serialize)]
 pub struct ApiMetrics {
+    /// Firecracker's: monotonic µs from `--start-time-us` (the launch, as a jailer
+    /// records it) to the API being ready; 0 without `--start-time-us`.
+    pub process_startup_time_us: AtomicU64,
+    /// Firecracker's: CPU µs spent from `--start-time-cpu-us` to the API being ready,
+    /// plus `--parent-cpu-time-us`; 0 without `--start-time-cpu-us`.
+    pub process_startup_time_cpu_us: AtomicU64,
     pub requests: AtomicU64,
     pub errors: AtomicU64,
     pub latency_us_total: AtomicU64,
@@ -147,17 +153,95 @@ pub fn timeline_summary() -> String {
     )
 }
 
-static OUTPUT: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+/// Firecracker's start-time inputs (`--start-time-us`, `--start-time-cpu-us`,
+/// `--parent-cpu-time-us`), as a jailer passes them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StartTimes {
+    /// CLOCK_MONOTONIC µs when the launch began.
+    pub start_time_us: Option<u64>,
+    /// The launching process's CPU time (µs) at that point.
+    pub start_time_cpu_us: Option<u64>,
+    /// CPU time (µs) the launcher spent before handing over.
+    pub parent_cpu_time_us: Option<u64>,
+}
 
-/// Sets where metrics lines go (a file or named pipe, opened for append).
-pub fn set_output(path: &str) -> std::io::Result<()> {
-    let f = std::fs::OpenOptions::new()
+fn clock_us(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a timespec we own.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000)
+        .saturating_add(ts.tv_nsec as u64 / 1000)
+}
+
+/// Records Firecracker's `process_startup_time_us` and `process_startup_time_cpu_us`:
+/// called once the API is ready (or, without the API, once the VM is configured).
+pub fn report_start_times(t: &StartTimes) {
+    if let Some(start) = t.start_time_us {
+        let delta = clock_us(libc::CLOCK_MONOTONIC).saturating_sub(start);
+        METRICS
+            .api_server
+            .process_startup_time_us
+            .store(delta, Ordering::Relaxed);
+    }
+    if let Some(start_cpu) = t.start_time_cpu_us {
+        let delta = clock_us(libc::CLOCK_PROCESS_CPUTIME_ID)
+            .saturating_sub(start_cpu)
+            .saturating_add(t.parent_cpu_time_us.unwrap_or(0));
+        METRICS
+            .api_server
+            .process_startup_time_cpu_us
+            .store(delta, Ordering::Relaxed);
+    }
+}
+
+/// Opens a log or metrics output as Firecracker does: a file (created if missing,
+/// appended to) or a named pipe. Never blocks: a FIFO is opened read-write and
+/// non-blocking, so its reader may come later (engines open it after starting ember) and
+/// a reader that falls behind costs dropped lines, never a stalled VMM or guest.
+pub fn open_output(path: &str) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
         .append(true)
         .create(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
-        .map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot open metrics_path {path}: {e}"))
-        })?;
+}
+
+/// What the metrics line carries besides the counters (Firecracker's `emit_id` and
+/// `properties`).
+#[derive(Default)]
+struct Extras {
+    id: Option<String>,
+    properties: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+static EXTRAS: std::sync::Mutex<Extras> = std::sync::Mutex::new(Extras {
+    id: None,
+    properties: None,
+});
+
+/// Adds the instance id (`emit_id`) and fixed properties to every metrics line.
+pub fn set_extras(
+    id: Option<String>,
+    properties: Option<serde_json::Map<String, serde_json::Value>>,
+) {
+    let mut e = EXTRAS.lock().unwrap_or_else(|p| p.into_inner());
+    e.id = id;
+    e.properties = properties;
+}
+
+static OUTPUT: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+
+/// Sets where metrics lines go (a file or named pipe: see `open_output`).
+pub fn set_output(path: &str) -> std::io::Result<()> {
+    let f = open_output(path).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot open metrics_path {path}: {e}"))
+    })?;
     *OUTPUT.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
     Ok(())
 }
@@ -193,6 +277,14 @@ pub fn snapshot() -> serde_json::Value {
     });
     if let Some(obj) = v.as_object_mut() {
         obj.insert("utc_timestamp_ms".into(), wall_ms.into());
+        let extras = EXTRAS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(id) = &extras.id {
+            obj.insert("id".into(), id.clone().into());
+        }
+        if let Some(props) = &extras.properties {
+            obj.insert("properties".into(), props.clone().into());
+        }
+        drop(extras);
         for s in SECTIONS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let (k, val) = s();
             obj.insert(k, val);
@@ -201,13 +293,15 @@ pub fn snapshot() -> serde_json::Value {
     v
 }
 
-/// Writes one metrics line, if a metrics output is set.
+/// Writes one metrics line, if a metrics output is set. A full pipe drops the line
+/// (counted as an error by the caller's log), as a FIFO nobody reads must not stall ember.
 pub fn flush() -> std::io::Result<()> {
     use std::io::Write;
     let mut out = OUTPUT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(f) = out.as_mut() {
         let mut line = snapshot().to_string();
         line.push('\n');
+        // One write: a line up to PIPE_BUF reaches a FIFO whole or not at all.
         f.write_all(line.as_bytes())?;
     }
     Ok(())
@@ -254,7 +348,14 @@ mod tests {
         assert!(v["utc_timestamp_ms"].as_u64().unwrap() > 0);
         assert_eq!(
             keys("api_server"),
-            ["errors", "latency_us_max", "latency_us_total", "requests"]
+            [
+                "errors",
+                "latency_us_max",
+                "latency_us_total",
+                "process_startup_time_cpu_us",
+                "process_startup_time_us",
+                "requests"
+            ]
         );
         assert_eq!(
             keys("vcpu"),

@@ -41,6 +41,7 @@ impl VmExit {
             VmExit::TripleFault { .. } | VmExit::VcpuError { .. } => {
                 crate::exit_code::GENERIC_ERROR
             }
+            VmExit::Signal(libc::SIGHUP) => crate::exit_code::SIGHUP,
             VmExit::Signal(sig) => crate::exit_code::SIGNAL_BASE + sig,
             VmExit::VmmError(_) => crate::exit_code::UNEXPECTED_ERROR,
         }

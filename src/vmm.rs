@@ -30,10 +30,11 @@ impl Token {
     }
 }
 
-/// The signals that stop ember cleanly.
-const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
+/// The signals that stop ember cleanly. SIGHUP is how flintlock stops a VM (Firecracker
+/// exits on it with code 156).
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
-/// Blocks SIGTERM and SIGINT in this thread and every thread it starts later; they are
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread and every thread it starts later; they are
 /// read from a signalfd on the event loop instead, so a stop is always clean.
 pub fn block_stop_signals() -> std::io::Result<()> {
     for sig in STOP_SIGNALS {

@@ -15,12 +15,13 @@ pub enum CacheType {
     Writeback,
 }
 
-/// Firecracker's `io_engine`. Only `Sync` is implemented.
+/// Firecracker's `io_engine`. `Async` (io_uring in Firecracker) is accepted and served by
+/// the synchronous engine until ember has an io_uring one: the guest sees the same device.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IoEngine {
     #[default]
     Sync,
-    /// io_uring in Firecracker; refused by ember.
+    /// io_uring in Firecracker; served synchronously by ember (see the README).
     Async,
 }
 
@@ -63,8 +64,6 @@ pub enum DriveError {
          non-empty printable ASCII without spaces"
     )]
     Partuuid(String),
-    #[error("io_engine `Async` is not supported by ember; use \"Sync\" or leave it out")]
-    AsyncIoEngine,
     #[error("{0} is not supported by ember; leave it out or set it to null")]
     Unsupported(&'static str),
     #[error("drive_id `{0}` is used by more than one drive")]
@@ -98,9 +97,6 @@ impl DriveConfig {
             && (u.is_empty() || !u.bytes().all(|b| b.is_ascii_graphic()))
         {
             return Err(DriveError::Partuuid(u.clone()));
-        }
-        if self.io_engine == Some(IoEngine::Async) {
-            return Err(DriveError::AsyncIoEngine);
         }
         if !self.rate_limiter.is_unset() {
             return Err(DriveError::Unsupported("rate_limiter"));
@@ -223,6 +219,10 @@ mod tests {
         assert!(d.is_read_only);
         assert_eq!(d.partuuid.as_deref(), Some("0eaa91a0-01"));
         assert_eq!(d.io_engine, Some(IoEngine::Sync));
+        // Async is accepted (served by the synchronous engine; README).
+        let d = parse(r#"{"drive_id": "a", "path_on_host": "/a", "is_root_device": false, "io_engine": "Async"}"#)
+            .unwrap();
+        assert_eq!(d.io_engine, Some(IoEngine::Async));
         // An empty rate limiter limits nothing, as in Firecracker.
         assert!(
             parse(
@@ -244,10 +244,6 @@ mod tests {
             (
                 format!(r#"{{"drive_id": "a-b", {base}}}"#),
                 "drive_id `a-b` is invalid",
-            ),
-            (
-                format!(r#"{{"drive_id": "a", {base}, "io_engine": "Async"}}"#),
-                "io_engine `Async`",
             ),
             (
                 format!(r#"{{"drive_id": "a", {base}, "io_engine": "Fast"}}"#),

@@ -92,7 +92,8 @@ pub struct LoggerConfig {
     pub show_level: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub show_log_origin: Option<bool>,
-    /// Only log records whose module path starts with this.
+    /// Only log records whose module path starts with this; empty means every module
+    /// (Firecracker accepts it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
 }
@@ -101,17 +102,12 @@ pub struct LoggerConfig {
 pub enum LoggerConfigError {
     #[error("log_path {0}")]
     LogPath(&'static str),
-    #[error("module must not be empty; leave it out to log every module")]
-    EmptyModule,
 }
 
 impl LoggerConfig {
     pub fn validate(&self) -> Result<(), LoggerConfigError> {
         if let Some(p) = self.log_path.as_deref().and_then(path_problem) {
             return Err(LoggerConfigError::LogPath(p));
-        }
-        if self.module.as_deref() == Some("") {
-            return Err(LoggerConfigError::EmptyModule);
         }
         Ok(())
     }
@@ -138,6 +134,8 @@ mod tests {
         assert_eq!(c.level, Some(LogLevel::Debug));
         assert_eq!(c.show_level, Some(true));
         assert_eq!(c.module.as_deref(), Some("ember::devices"));
+        // Firecracker accepts an empty module: every module is logged.
+        assert!(parse(r#"{"module": ""}"#).is_ok());
     }
 
     #[test]
@@ -168,7 +166,6 @@ mod tests {
         let cases = [
             (r#"{"level": "loud"}"#, "unknown log level `loud`"),
             (r#"{"log_path": ""}"#, "log_path must not be empty"),
-            (r#"{"module": ""}"#, "module must not be empty"),
             (r#"{"show_level": "yes"}"#, "invalid type"),
             (r#"{"options": []}"#, "unknown field `options`"),
         ];

@@ -25,9 +25,24 @@ pub struct MachineConfig {
     /// Accepted and passed on to guest memory creation (KVM dirty logging).
     #[serde(default)]
     pub track_dirty_pages: bool,
-    /// Only absent or "None" is accepted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Only absent or "None" is accepted. Always reported, "None" when unset, as
+    /// Firecracker reports it.
+    #[serde(
+        default,
+        serialize_with = "none_when_unset",
+        deserialize_with = "unset_when_none"
+    )]
     pub huge_pages: Option<String>,
+}
+
+/// "None" and absent mean the same; keeping one spelling makes a reported configuration
+/// read back equal.
+fn unset_when_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.filter(|v| v != NONE))
+}
+
+fn none_when_unset<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v.as_deref().unwrap_or(NONE))
 }
 
 impl Default for MachineConfig {

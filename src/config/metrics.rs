@@ -10,6 +10,12 @@ use super::path_problem;
 pub struct MetricsConfig {
     /// File or named pipe the JSON metrics lines are appended to.
     pub metrics_path: String,
+    /// Firecracker's: write the instance id as a top-level `id` on every line.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub emit_id: bool,
+    /// Firecracker's: fixed key-value pairs written as `properties` on every line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -19,6 +25,18 @@ pub enum MetricsConfigError {
 }
 
 impl MetricsConfig {
+    /// Opens the output and sets what every line carries; `id` is the instance id.
+    pub fn apply(&self, id: &str) -> std::io::Result<()> {
+        crate::metrics::set_output(&self.metrics_path)?;
+        let properties = self.properties.as_ref().map(|p| {
+            p.iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())))
+                .collect()
+        });
+        crate::metrics::set_extras(self.emit_id.then(|| id.to_string()), properties);
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), MetricsConfigError> {
         match path_problem(&self.metrics_path) {
             Some(p) => Err(MetricsConfigError::MetricsPath(p)),
@@ -41,6 +59,18 @@ mod tests {
     fn valid_refused_round_trip() {
         let c = parse(r#"{"metrics_path": "/tmp/m.fifo"}"#).unwrap();
         assert_eq!(c.metrics_path, "/tmp/m.fifo");
+        assert_eq!(parse(&serde_json::to_string(&c).unwrap()).unwrap(), c);
+        // Firecracker's other fields.
+        let c =
+            parse(r#"{"metrics_path": "/m", "emit_id": true, "properties": {"a": "b"}}"#).unwrap();
+        assert!(c.emit_id);
+        assert_eq!(
+            c.properties
+                .as_ref()
+                .and_then(|p| p.get("a"))
+                .map(String::as_str),
+            Some("b")
+        );
         assert_eq!(parse(&serde_json::to_string(&c).unwrap()).unwrap(), c);
         for (json, want) in [
             ("{}", "missing field `metrics_path`"),

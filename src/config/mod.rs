@@ -31,6 +31,9 @@ use crate::vm::layout::VIRTIO_MMIO_MAX_DEVICES;
 ///
 /// `Default` is the state of an API-configured VM before any PUT; it does not validate
 /// (no kernel), which is what InstanceStart reports until `PUT /boot-source`.
+///
+/// Serialized, every section Firecracker's `GET /vm/config` lists is present: `null` (or
+/// `[]`) when unset, so clients that index the answer by section find each one.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
@@ -51,41 +54,54 @@ pub struct VmConfig {
         deserialize_with = "null_as_default"
     )]
     pub network_interfaces: Vec<NetworkInterfaceConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub logger: Option<LoggerConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub metrics: Option<MetricsConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub vsock: Option<VsockConfig>,
 
     // Firecracker resources ember does not implement: see unsupported.rs.
-    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
+    #[serde(default)]
     pub balloon: UnsupportedValue,
-    #[serde(
-        rename = "mmds-config",
-        default,
-        skip_serializing_if = "UnsupportedValue::is_unset"
-    )]
+    /// Accepted with a warning (not refused like the others): engines such as flintlock
+    /// always write it, and the guest boots without the metadata service.
+    #[serde(rename = "mmds-config", default)]
     pub mmds_config: UnsupportedValue,
-    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
+    #[serde(default)]
     pub entropy: UnsupportedValue,
-    #[serde(
-        rename = "cpu-config",
-        default,
-        skip_serializing_if = "UnsupportedValue::is_unset"
-    )]
+    #[serde(rename = "cpu-config", default)]
     pub cpu_config: UnsupportedValue,
-    #[serde(
-        rename = "memory-hotplug",
-        default,
-        skip_serializing_if = "UnsupportedValue::is_unset"
-    )]
+    #[serde(rename = "memory-hotplug", default)]
     pub memory_hotplug: UnsupportedValue,
+    /// Firecracker leaves `serial` out of `GET /vm/config`.
     #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
     pub serial: UnsupportedValue,
-    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
+    #[serde(default, serialize_with = "empty_list_when_unset")]
     pub pmem: UnsupportedValue,
 }
+
+/// Firecracker lists `pmem` as `[]` when no pmem device is configured.
+fn empty_list_when_unset<S: serde::Serializer>(
+    v: &UnsupportedValue,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match &v.0 {
+        Some(value) if !v.is_unset() => value.serialize(s),
+        _ => Vec::<()>::new().serialize(s),
+    }
+}
+
+/// Top-level keys of the config file ember knows (see `VmConfig`).
+const SECTIONS: &[&str] = &[
+    "boot-source",
+    "machine-config",
+    "drives",
+    "network-interfaces",
+    "logger",
+    "metrics",
+    "vsock",
+];
 
 /// Every message names the offending field by its path in the config file
 /// ("machine-config.vcpu_count ...", "drives[1].drive_id ..."): the resource errors all
@@ -131,12 +147,43 @@ fn context_prefix(context: &Option<String>) -> String {
 
 impl VmConfig {
     /// Parses and validates a config file (or any text in its schema).
+    ///
+    /// Top-level keys ember does not know are dropped with a warning each, as Firecracker
+    /// ignores them (engines write some: flintlock's `MmdsConfig`); inside a section an
+    /// unknown field is an error, as in Firecracker.
     pub fn from_json(text: &str) -> Result<VmConfig, ConfigError> {
-        let config: VmConfig = serde_json::from_str(text).map_err(|source| ConfigError::Json {
+        let json_error = |text: &str, source: serde_json::Error| ConfigError::Json {
             context: locate_json_error(text, &source),
             source,
-        })?;
+        };
+        let mut top: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| json_error(text, e))?;
+        let mut stripped = None;
+        if let Some(obj) = top.as_object_mut() {
+            let unknown: Vec<String> = obj
+                .keys()
+                .filter(|k| {
+                    !SECTIONS.contains(&k.as_str())
+                        && !unsupported::UNSUPPORTED_RESOURCES.contains(&k.as_str())
+                })
+                .cloned()
+                .collect();
+            for k in &unknown {
+                log::warn!("config file: unknown section `{k}` ignored (as Firecracker does)");
+                obj.remove(k);
+            }
+            if !unknown.is_empty() {
+                stripped = Some(top.to_string());
+            }
+        }
+        let text = stripped.as_deref().unwrap_or(text);
+        let config: VmConfig = serde_json::from_str(text).map_err(|e| json_error(text, e))?;
         config.validate()?;
+        if !config.mmds_config.is_unset() {
+            log::warn!(
+                "config file: mmds-config kept, but ember has no MMDS yet: the guest cannot reach the metadata service"
+            );
+        }
         Ok(config)
     }
 
@@ -164,7 +211,6 @@ impl VmConfig {
         }
         for (name, value) in [
             ("balloon", &self.balloon),
-            ("mmds-config", &self.mmds_config),
             ("entropy", &self.entropy),
             ("cpu-config", &self.cpu_config),
             ("memory-hotplug", &self.memory_hotplug),
@@ -379,12 +425,59 @@ mod tests {
             let json = c.to_json();
             assert_eq!(VmConfig::from_json(&json).unwrap(), c, "{json}");
         }
-        // Unset unsupported resources are left out of the output.
-        let json = VmConfig::from_json(FULL).unwrap().to_json();
-        assert!(
-            !json.contains("balloon") && !json.contains("pmem"),
-            "{json}"
-        );
+        // Every section Firecracker's GET /vm/config lists is there, null or empty when
+        // unset; `serial` is left out, as Firecracker does.
+        let v: serde_json::Value =
+            serde_json::from_str(&VmConfig::from_json(MINIMAL).unwrap().to_json()).unwrap();
+        for key in [
+            "balloon",
+            "drives",
+            "boot-source",
+            "cpu-config",
+            "logger",
+            "machine-config",
+            "metrics",
+            "mmds-config",
+            "network-interfaces",
+            "vsock",
+            "entropy",
+            "pmem",
+            "memory-hotplug",
+        ] {
+            assert!(v.get(key).is_some(), "{key} missing: {v}");
+        }
+        assert_eq!(v["logger"], serde_json::Value::Null);
+        assert_eq!(v["pmem"], serde_json::json!([]));
+        assert_eq!(v["machine-config"]["huge_pages"], "None");
+        assert!(v.get("serial").is_none(), "{v}");
+    }
+
+    /// Firecracker ignores top-level keys it does not know (flintlock writes
+    /// `MmdsConfig`); ember drops them with a warning. Inside a section they are errors.
+    #[test]
+    fn unknown_sections_are_ignored() {
+        let c = VmConfig::from_json(&with(
+            r#""MmdsConfig": {"network_interfaces": []}, "vcpus": 1"#,
+        ))
+        .unwrap();
+        assert_eq!(c.boot_source.kernel_image_path, "/k");
+        let e = err(&with(
+            r#""x": 1, "machine-config": {"vcpu_count": 1, "mem_size_mib": 1, "foo": 1}"#,
+        ));
+        assert!(e.contains("unknown field `foo`"), "{e}");
+    }
+
+    /// The MMDS is not implemented yet; its section is kept with a warning, never refused
+    /// (flintlock always writes it).
+    #[test]
+    fn mmds_config_is_kept() {
+        let c = VmConfig::from_json(&with(
+            r#""mmds-config": {"network_interfaces": ["eth0"], "version": "V2"}"#,
+        ))
+        .unwrap();
+        assert!(!c.mmds_config.is_unset());
+        let v: serde_json::Value = serde_json::from_str(&c.to_json()).unwrap();
+        assert_eq!(v["mmds-config"]["version"], "V2");
     }
 
     #[test]
@@ -438,11 +531,6 @@ mod tests {
                 "drives[1].is_root_device: drive `a` is already the root device",
             ),
             (
-                r#""drives": [{"drive_id": "a", "path_on_host": "/a", "is_root_device": true,
-                               "io_engine": "Async"}]"#,
-                "drives[0].io_engine `Async` is not supported by ember",
-            ),
-            (
                 r#""network-interfaces": [{"iface_id": "n", "host_dev_name": "averyveryverylongtap"}]"#,
                 "network-interfaces[0].host_dev_name `averyveryverylongtap` is invalid",
             ),
@@ -474,7 +562,6 @@ mod tests {
     #[test]
     fn json_errors_name_the_field_or_section() {
         let cases = [
-            (r#""vcpus": 1"#, "unknown field `vcpus`"),
             (
                 r#""machine-config": {"vcpu_count": "2", "mem_size_mib": 1}"#,
                 "machine-config: invalid type: string \"2\"",
@@ -517,7 +604,6 @@ mod tests {
     fn unsupported_resources() {
         for (key, value) in [
             ("balloon", r#"{"amount_mib": 64, "deflate_on_oom": true}"#),
-            ("mmds-config", r#"{"network_interfaces": ["net1"]}"#),
             (
                 "entropy",
                 r#"{"rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}"#,

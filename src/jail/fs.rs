@@ -54,7 +54,16 @@ fn mkdir(path: &Path, mode: u32) -> std::io::Result<()> {
 /// Creates `<base>/ember/<id>` (and `<base>` itself if only it is missing) and takes the
 /// jail's lock. A jail whose lock is free is stale (its ember died without cleanup): its
 /// contents are removed. A held lock means in use: nothing is touched.
-pub(super) fn create_and_lock(base: &Path, dir: &Path, id: &str) -> Result<OwnedFd, JailError> {
+///
+/// `engine_root`: the jail root belongs to the engine that started the jailer form (it put
+/// the kernel, drives and config there, maybe as bind mounts), so only what ember itself
+/// makes in it (`root/dev`) counts as stale.
+pub(super) fn create_and_lock(
+    base: &Path,
+    dir: &Path,
+    id: &str,
+    engine_root: bool,
+) -> Result<OwnedFd, JailError> {
     let base_err = |source| JailError::BaseDir {
         path: base.to_path_buf(),
         source,
@@ -63,7 +72,9 @@ pub(super) fn create_and_lock(base: &Path, dir: &Path, id: &str) -> Result<Owned
         // Only the base itself: creating its parents would create things outside it.
         mkdir(base, 0o755).map_err(base_err)?;
     }
-    mkdir(&base.join("ember"), 0o755).map_err(base_err)?;
+    if let Some(exec_dir) = dir.parent() {
+        mkdir(exec_dir, 0o755).map_err(base_err)?;
+    }
     mkdir(dir, 0o755).map_err(base_err)?;
     let lock_path = dir.join(".lock");
     // The lock file can be removed by the ember that holds it (its cleanup) just after we
@@ -98,13 +109,36 @@ pub(super) fn create_and_lock(base: &Path, dir: &Path, id: &str) -> Result<Owned
         if !same {
             continue;
         }
-        remove_stale(dir)?;
+        if engine_root {
+            remove_stale_dev(dir)?;
+        } else {
+            remove_stale(dir)?;
+        }
         return Ok(f.into());
     }
     Err(JailError::InUse {
         id: id.into(),
         lock: lock_path,
     })
+}
+
+/// The device nodes a dead ember left in an engine's jail root.
+fn remove_stale_dev(dir: &Path) -> Result<(), JailError> {
+    let dev = dir.join("root/dev");
+    match std::fs::symlink_metadata(&dev) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&dev)
+            .map_err(JailError::setup(format!("remove stale {}", dev.display()))),
+        _ => Ok(()),
+    }
+}
+
+/// What ember made in an engine's jail: the device nodes, the pid file and the lock; the
+/// root and the rest are the engine's to remove (they may be bind mounts of its files).
+pub(super) fn remove_own_files(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir.join("root/dev"));
+    for f in ["ember.pid", ".lock"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
 }
 
 /// Removes what a dead ember left in its jail directory (all but the lock).

@@ -36,6 +36,8 @@ use crate::exit_code;
 
 /// Where jails are built when `--chroot-base-dir` is not given.
 pub const DEFAULT_BASE_DIR: &str = "/srv/ember";
+/// The same for Firecracker's jailer command line (its default).
+pub const JAILER_DEFAULT_BASE_DIR: &str = "/srv/jailer";
 /// Firecracker's jailer default for RLIMIT_NOFILE.
 pub const DEFAULT_NO_FILE: u64 = 2048;
 
@@ -137,6 +139,12 @@ pub struct JailArgs {
     /// The API socket path (in the jail): its directory is made writable by uid/gid so the
     /// jailed VMM can bind the socket there.
     pub api_sock: Option<PathBuf>,
+    /// The jail directory's middle name: `ember`, or with the jailer command line the
+    /// basename of `--exec-file`, as Firecracker's jailer lays it out.
+    pub exec_name: String,
+    /// Started through the jailer command line: the engine prepared the jail root and owns
+    /// it (see `fs::create_and_lock`); paths ember is given are inside it.
+    pub engine_root: bool,
 }
 
 /// The flags as the command line gave them (strings), before validation. `cli::Args`
@@ -156,6 +164,8 @@ pub struct JailFlags<'a> {
     pub resource_limits: &'a [String],
     pub daemonize: bool,
     pub api_sock: Option<&'a Path>,
+    /// The jailer command line's `--exec-file` (which must be this ember).
+    pub exec_file: Option<&'a Path>,
 }
 
 impl JailArgs {
@@ -175,6 +185,7 @@ impl JailArgs {
             resource_limits: &args.resource_limits,
             daemonize: args.daemonize,
             api_sock: args.api_sock.as_deref(),
+            exec_file: args.exec_file.as_deref(),
         })
     }
 
@@ -249,9 +260,13 @@ impl JailArgs {
                 s.display()
             )));
         }
+        let (exec_name, default_base) = match f.exec_file {
+            Some(bin) => (check_exec_file(bin)?, JAILER_DEFAULT_BASE_DIR),
+            None => ("ember".to_string(), DEFAULT_BASE_DIR),
+        };
         let chroot_base_dir = f
             .chroot_base_dir
-            .map_or_else(|| PathBuf::from(DEFAULT_BASE_DIR), Path::to_path_buf);
+            .map_or_else(|| PathBuf::from(default_base), Path::to_path_buf);
         if !chroot_base_dir.is_absolute() {
             return Err(JailError::Arg(format!(
                 "`--chroot-base-dir` {}: the path must be absolute",
@@ -271,13 +286,47 @@ impl JailArgs {
             resource_limits,
             daemonize: f.daemonize,
             api_sock: f.api_sock.map(Path::to_path_buf),
+            exec_name,
+            engine_root: f.exec_file.is_some(),
         }))
     }
 
-    /// `<base>/ember/<id>`: the directory the jail owns on the host.
+    /// `<base>/<exec name>/<id>`: the directory the jail owns on the host.
     pub fn jail_dir(&self) -> PathBuf {
-        self.chroot_base_dir.join("ember").join(&self.id)
+        self.chroot_base_dir.join(&self.exec_name).join(&self.id)
     }
+}
+
+/// The jailer command line's `--exec-file` must be this ember (the same file, or a copy
+/// of it): ember jails itself in-process and cannot run another binary. Returns the
+/// basename that names the jail directory.
+fn check_exec_file(bin: &Path) -> Result<String, JailError> {
+    use std::os::unix::fs::MetadataExt;
+    let bad = |why: String| JailError::Arg(format!("--exec-file {}: {why}", bin.display()));
+    let name = bin
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+        .ok_or_else(|| bad("has no file name".into()))?
+        .to_string();
+    let given = std::fs::metadata(bin).map_err(|e| bad(e.to_string()))?;
+    let me = std::fs::metadata("/proc/self/exe").map_err(|e| bad(e.to_string()))?;
+    let same_file = given.dev() == me.dev() && given.ino() == me.ino();
+    let same_bytes = || -> bool {
+        given.len() == me.len()
+            && matches!(
+                (std::fs::read(bin), std::fs::read("/proc/self/exe")),
+                (Ok(a), Ok(b)) if a == b
+            )
+    };
+    if !(same_file || same_bytes()) {
+        return Err(bad(
+            "is not this ember: ember's jailer runs ember itself, in-process; point the \
+             engine's VMM path at ember"
+                .into(),
+        ));
+    }
+    Ok(name)
 }
 
 /// The descriptors open in this process now (from /proc/self/fd). Taken first thing in
@@ -348,7 +397,7 @@ impl Jail {
             None => None,
         };
         let dir = args.jail_dir();
-        let lock = fs::create_and_lock(&args.chroot_base_dir, &dir, &args.id)?;
+        let lock = fs::create_and_lock(&args.chroot_base_dir, &dir, &args.id, args.engine_root)?;
         let root = dir.join("root");
         let mut jail = Jail {
             args: args.clone(),
@@ -404,7 +453,11 @@ impl Jail {
     fn cleanup(&mut self) {
         self.armed = false;
         self.cgroup.remove();
-        fs::remove_jail_dir(&self.dir);
+        if self.args.engine_root {
+            fs::remove_own_files(&self.dir);
+        } else {
+            fs::remove_jail_dir(&self.dir);
+        }
     }
 }
 
