@@ -223,7 +223,6 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
         jail_guard = Some(enter_jail(j, None, &mut Vec::new(), inherited_fds)?);
     }
     let id = init_logging(&args)?;
-    warn_unimplemented_flags(&args);
     let start_times = metrics::StartTimes {
         start_time_us: args.start_time_us,
         start_time_cpu_us: args.start_time_cpu_us,
@@ -231,9 +230,13 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
     };
     let mmds_metadata = read_metadata(&args)?;
     let mut file_config = read_config_file(&args, &id)?;
+    // After the config file's logger section: the warnings go where the log goes.
+    warn_unimplemented_flags(&args);
     metrics::timeline_mark(&metrics::METRICS.boot_timeline_us.config_ready);
 
-    vmm::block_stop_signals().map_err(StartError::BlockSignals)?;
+    if jail_guard.is_none() {
+        vmm::block_stop_signals().map_err(StartError::BlockSignals)?;
+    }
     // Seccomp policy and jail: after the configuration is read (host paths), before any
     // thread starts (the jail forks; signals are blocked first so the supervisor can
     // forward them).

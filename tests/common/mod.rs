@@ -173,3 +173,99 @@ pub fn skip(test: &str, reason: &str) {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// One HTTP/1.1 request over a Unix socket (a fresh connection, as the Go SDK's client
+/// makes for most calls); returns (status, body). `None` when nothing answers.
+pub fn http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Option<(u16, String)> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// Like `http`, for a request that must succeed (2xx): returns the body.
+pub fn http_ok(sock: &Path, method: &str, path: &str, body: Option<&str>) -> String {
+    match http(sock, method, path, body) {
+        Some((s, b)) if (200..300).contains(&s) => b,
+        other => panic!("{method} {path} {body:?}: {other:?}"),
+    }
+}
+
+/// Waits until `pred` holds, polling every `every`, up to `timeout`.
+pub fn wait_for(timeout: Duration, every: Duration, mut pred: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if pred() {
+            return true;
+        }
+        std::thread::sleep(every);
+    }
+    false
+}
+
+/// Makes a named pipe (as engines do for the logger and metrics).
+pub fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "mkfifo {}",
+        p.display()
+    );
+}
+
+/// Opens a FIFO for reading without blocking (as Kata's fifo.OpenFifo does) and collects
+/// its lines on a thread until every writer is gone or `stop` is set.
+pub struct FifoReader {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FifoReader {
+    pub fn open(p: &Path) -> FifoReader {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(p)
+            .expect("open fifo");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            let mut f = f;
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                match f.read(&mut chunk) {
+                    Ok(0) | Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                            let line: Vec<u8> = buf.drain(..=i).collect();
+                            l2.lock()
+                                .unwrap()
+                                .push(String::from_utf8_lossy(&line).trim_end().to_string());
+                        }
+                    }
+                }
+            }
+        });
+        FifoReader { lines }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
