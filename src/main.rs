@@ -223,6 +223,11 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
         jail_guard = Some(enter_jail(j, None, &mut Vec::new(), inherited_fds)?);
     }
     let id = init_logging(&args)?;
+    log::info!(
+        "Running ember v{} (Firecracker v{} API)",
+        ember::EMBER_VERSION,
+        ember::FIRECRACKER_API_VERSION
+    );
     let start_times = metrics::StartTimes {
         start_time_us: args.start_time_us,
         start_time_cpu_us: args.start_time_cpu_us,
