@@ -219,12 +219,8 @@ pub fn wait_for(timeout: Duration, every: Duration, mut pred: impl FnMut() -> bo
 pub fn mkfifo(p: &Path) {
     let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
     // SAFETY: mkfifo with a valid NUL-terminated path.
-    assert_eq!(
-        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
-        0,
-        "mkfifo {}",
-        p.display()
-    );
+    let r = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(r, 0, "mkfifo {}", p.display());
 }
 
 /// Opens a FIFO for reading without blocking (as Kata's fifo.OpenFifo does) and collects
