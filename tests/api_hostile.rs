@@ -264,7 +264,12 @@ fn a_thousand_idle_connections_do_not_lock_out_a_new_client() {
 #[test]
 fn ten_half_requests_do_not_delay_a_new_one_and_still_complete() {
     let mut e = Ember::start(&[], &[]);
-    let body = format!(r#"{{"kernel_image_path": "/k"{}}}"#, " ".repeat(2000));
+    // A kernel that exists: PUT /boot-source opens it (as Firecracker does).
+    let body = format!(
+        r#"{{"kernel_image_path": "{}"{}}}"#,
+        guest(),
+        " ".repeat(2000)
+    );
     let req = put("/boot-source", &body);
     let (first, rest) = req.split_at(req.len() / 2);
     let mut halves: Vec<Client> = (0..10)
@@ -291,7 +296,8 @@ fn byte_at_a_time_clients_are_served_and_do_not_block_others() {
             std::thread::spawn(move || {
                 let mut c = Client::new(&sock);
                 for _ in 0..3 {
-                    for b in put("/boot-source", r#"{"kernel_image_path": "/k"}"#).bytes() {
+                    let body = format!(r#"{{"kernel_image_path": "{}"}}"#, guest());
+                    for b in put("/boot-source", &body).bytes() {
                         c.send(&[b]);
                         std::thread::sleep(Duration::from_micros(300));
                     }
@@ -480,7 +486,12 @@ fn unfinished_big_bodies_do_not_trip_the_api_filter() {
             .collect();
         if round % 2 == 0 {
             let mut c = Client::new(&e.sock);
-            let body = format!(r#"{{"kernel_image_path": "{}"}}"#, "k".repeat(50_000));
+            // Near the limit, with a kernel that exists (PUT /boot-source opens it).
+            let body = format!(
+                r#"{{"kernel_image_path": "{}"{}}}"#,
+                guest(),
+                " ".repeat(50_000)
+            );
             assert_eq!(c.call(&put("/boot-source", &body)).0, 204);
             let big = format!("{{\"x\": \"{}\"}}", "y".repeat(60_000));
             assert_eq!(c.call(&put("/boot-source", &big)).0, 413);
