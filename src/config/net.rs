@@ -97,8 +97,8 @@ pub enum NetError {
     #[error("iface_id `{id}` is invalid: it {problem}")]
     IfaceId { id: String, problem: &'static str },
     #[error(
-        "host_dev_name `{name}` is invalid: a Linux interface name is 1 to \
-         {MAX_HOST_DEV_NAME_LEN} bytes, not \".\" or \"..\", without '/', ':' or whitespace"
+        "host_dev_name `{name}` is invalid: a Linux interface name is up to \
+         {MAX_HOST_DEV_NAME_LEN} bytes (empty: the kernel names a new TAP), not \".\" or \"..\", without '/', ':' or whitespace"
     )]
     HostDevName { name: String },
     #[error("guest_mac {0} is a multicast address; the lowest bit of the first byte must be 0")]
@@ -117,15 +117,16 @@ pub enum NetError {
     NotFound(String),
 }
 
-/// Linux's `dev_valid_name`, so a bad name fails here rather than in TUNSETIFF.
+/// Linux's `dev_valid_name`, so a bad name fails here rather than in TUNSETIFF. An empty
+/// name is Firecracker's too: TUNSETIFF then creates a TAP the kernel names (`tapN`).
 fn host_dev_name_ok(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_HOST_DEV_NAME_LEN
-        && name != "."
-        && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
+    name.is_empty()
+        || name.len() <= MAX_HOST_DEV_NAME_LEN
+            && name != "."
+            && name != ".."
+            && !name
+                .chars()
+                .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
 }
 
 impl NetworkInterfaceConfig {
@@ -163,7 +164,8 @@ impl NetworkInterfaceConfig {
 
     /// Firecracker's rule: no two interfaces share a TAP device or a guest MAC.
     fn conflict_with(&self, other: &NetworkInterfaceConfig) -> Option<NetError> {
-        if other.host_dev_name == self.host_dev_name {
+        // Two empty names are two new TAPs, each named by the kernel.
+        if other.host_dev_name == self.host_dev_name && !self.host_dev_name.is_empty() {
             return Some(NetError::HostDevNameInUse {
                 name: self.host_dev_name.clone(),
                 other: other.iface_id.clone(),
@@ -310,10 +312,6 @@ mod tests {
             (
                 r#"{"iface_id": "eth.0", "host_dev_name": "tap0"}"#,
                 "iface_id `eth.0` is invalid",
-            ),
-            (
-                r#"{"iface_id": "e", "host_dev_name": ""}"#,
-                "host_dev_name `` is invalid",
             ),
             (
                 r#"{"iface_id": "e", "host_dev_name": "tap0123456789abc"}"#,

@@ -22,7 +22,7 @@ pub const VNET_HDR_LEN: usize = 12;
 pub enum TapError {
     #[error("cannot open {TUN_PATH}: {0} (is the tun module loaded, and /dev/net/tun present?)")]
     OpenTun(io::Error),
-    #[error("TAP device name `{0}` is empty or longer than {MAX_HOST_DEV_NAME_LEN} bytes")]
+    #[error("TAP device name `{0}` is longer than {MAX_HOST_DEV_NAME_LEN} bytes")]
     Name(String),
     #[error(
         "TAP device `{name}` does not exist and cannot be created, or belongs to another \
@@ -62,9 +62,11 @@ pub struct Tap {
 impl Tap {
     /// Attaches to the TAP device `name`, creating it if it does not exist (that needs
     /// CAP_NET_ADMIN; a TAP created here disappears when ember exits). The TAP is set up
-    /// for 12-byte virtio-net headers and no offloads (see [`Tap::set_offload`]).
+    /// for 12-byte virtio-net headers and no offloads (see [`Tap::set_offload`]). An
+    /// empty `name` creates a new TAP that the kernel names (as Firecracker allows);
+    /// [`Tap::name`] then gives the kernel's name.
     pub fn open(name: &str) -> Result<Tap, TapError> {
-        if name.is_empty() || name.len() > MAX_HOST_DEV_NAME_LEN {
+        if name.len() > MAX_HOST_DEV_NAME_LEN {
             return Err(TapError::Name(name.to_string()));
         }
         let file = OpenOptions::new()
@@ -95,9 +97,16 @@ impl Tap {
                 _ => TapError::SetIff { name, source },
             });
         }
+        // The kernel writes the device's name back (the one it chose for an empty name).
+        let given: Vec<u8> = req
+            .name
+            .iter()
+            .take_while(|c| **c != 0)
+            .map(|c| *c as u8)
+            .collect();
         let tap = Tap {
             file,
-            name: name.to_string(),
+            name: String::from_utf8_lossy(&given).into_owned(),
         };
         let size = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which outlives the call.
@@ -111,7 +120,7 @@ impl Tap {
         // A TAP kept from an earlier user may still have offloads on: until the guest
         // negotiates them, it must get only plain frames.
         if let Err(e) = tap.set_offload(0) {
-            log::warn!("TAP `{name}`: cannot clear offloads: {e}");
+            log::warn!("TAP `{}`: cannot clear offloads: {e}", tap.name);
         }
         Ok(tap)
     }
@@ -189,11 +198,25 @@ mod tests {
 
     #[test]
     fn bad_names() {
-        assert!(matches!(Tap::open(""), Err(TapError::Name(_))));
         assert!(matches!(
             Tap::open("a-very-long-tap-name"),
             Err(TapError::Name(_))
         ));
+    }
+
+    /// An empty name (Firecracker accepts it) makes a TAP the kernel names; the name is
+    /// read back. Needs root and /dev/net/tun, as every test host has.
+    #[test]
+    fn empty_name_gets_a_kernel_named_tap() {
+        let tap = Tap::open("").expect("a kernel-named TAP (root and /dev/net/tun needed)");
+        assert!(!tap.name().is_empty(), "no name read back");
+        assert!(
+            std::path::Path::new("/sys/class/net")
+                .join(tap.name())
+                .exists(),
+            "{} is not a network device",
+            tap.name()
+        );
     }
 
     #[test]
