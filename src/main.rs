@@ -381,15 +381,19 @@ fn read_config_file(args: &cli::Args, id: &str) -> Result<Option<config::VmConfi
         path: path.clone(),
         source,
     })?;
-    let c = config::VmConfig::from_json(&text).map_err(|source| StartError::Config {
-        path: path.clone(),
-        source,
-    })?;
+    let (c, warnings) =
+        config::VmConfig::from_json_with_warnings(&text).map_err(|source| StartError::Config {
+            path: path.clone(),
+            source,
+        })?;
     if let Some(l) = &c.logger {
         logger::apply_config(l).map_err(StartError::ConfigOutput)?;
     }
     if let Some(m) = &c.metrics {
         m.apply(id).map_err(StartError::ConfigOutput)?;
+    }
+    for w in warnings {
+        log::warn!("{w}");
     }
     Ok(Some(c))
 }

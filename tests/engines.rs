@@ -642,6 +642,8 @@ fn flintlock() {
         logged.contains("--metadata"),
         "the --metadata warning: {logged}"
     );
+    assert!(logged.contains("mmds-config kept"), "{logged}");
+    assert!(logged.contains("`MmdsConfig` ignored"), "{logged}");
     assert!(
         logged.contains(":WARN") && logged.contains(".rs:"),
         "{logged}"

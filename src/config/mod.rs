@@ -146,18 +146,30 @@ fn context_prefix(context: &Option<String>) -> String {
 }
 
 impl VmConfig {
-    /// Parses and validates a config file (or any text in its schema).
+    /// Parses and validates a config file (or any text in its schema); warnings go to
+    /// the log at once (see `from_json_with_warnings`).
+    pub fn from_json(text: &str) -> Result<VmConfig, ConfigError> {
+        let (config, warnings) = VmConfig::from_json_with_warnings(text)?;
+        for w in warnings {
+            log::warn!("{w}");
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates a config file, and returns the warnings it deserves for the
+    /// caller to log once the file's own `logger` section is in effect.
     ///
     /// Top-level keys ember does not know are dropped with a warning each, as Firecracker
     /// ignores them (engines write some: flintlock's `MmdsConfig`); inside a section an
     /// unknown field is an error, as in Firecracker.
-    pub fn from_json(text: &str) -> Result<VmConfig, ConfigError> {
+    pub fn from_json_with_warnings(text: &str) -> Result<(VmConfig, Vec<String>), ConfigError> {
         let json_error = |text: &str, source: serde_json::Error| ConfigError::Json {
             context: locate_json_error(text, &source),
             source,
         };
         let mut top: serde_json::Value =
             serde_json::from_str(text).map_err(|e| json_error(text, e))?;
+        let mut warnings = Vec::new();
         let mut stripped = None;
         if let Some(obj) = top.as_object_mut() {
             let unknown: Vec<String> = obj
@@ -169,7 +181,9 @@ impl VmConfig {
                 .cloned()
                 .collect();
             for k in &unknown {
-                log::warn!("config file: unknown section `{k}` ignored (as Firecracker does)");
+                warnings.push(format!(
+                    "config file: unknown section `{k}` ignored (as Firecracker does)"
+                ));
                 obj.remove(k);
             }
             if !unknown.is_empty() {
@@ -180,11 +194,13 @@ impl VmConfig {
         let config: VmConfig = serde_json::from_str(text).map_err(|e| json_error(text, e))?;
         config.validate()?;
         if !config.mmds_config.is_unset() {
-            log::warn!(
-                "config file: mmds-config kept, but ember has no MMDS yet: the guest cannot reach the metadata service"
+            warnings.push(
+                "config file: mmds-config kept, but ember has no MMDS yet: the guest cannot \
+                 reach the metadata service"
+                    .into(),
             );
         }
-        Ok(config)
+        Ok((config, warnings))
     }
 
     /// Checks everything a VM needs before it is built. The API runs this at InstanceStart.

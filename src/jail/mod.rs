@@ -282,7 +282,11 @@ impl JailArgs {
             new_pid_ns: f.new_pid_ns,
             cgroup_version,
             cgroups,
-            parent_cgroup: f.parent_cgroup.map(Into::into),
+            // Firecracker's jailer puts its cgroups under the exec file's name by default.
+            parent_cgroup: f
+                .parent_cgroup
+                .map(Into::into)
+                .or_else(|| f.exec_file.map(|_| exec_name.clone())),
             resource_limits,
             daemonize: f.daemonize,
             api_sock: f.api_sock.map(Path::to_path_buf),
