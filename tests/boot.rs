@@ -175,7 +175,19 @@ fn invalid_machine_config_values_are_refused() {
 #[test]
 fn malformed_json_and_unknown_fields_are_refused() {
     bad_config("{\"boot-source\": ", "line");
-    bad_config(&guest_config("", 1, 128, r#""bogus": 1"#), "bogus");
+    bad_config(
+        &guest_config("", 1, 128, r#""logger": {"bogus": 1}"#),
+        "bogus",
+    );
+    // A top-level key ember does not know is ignored with a warning, as Firecracker
+    // ignores it (issue 14).
+    let o = run_config(
+        &guest_config("console=ttyS0", 1, 128, r#""bogus": 1"#),
+        &[],
+        T,
+    );
+    o.assert_ok();
+    assert!(o.stderr.contains("`bogus` ignored"), "{o:#?}");
     bad_config(
         &guest_config("", 1, 128, r#""balloon": {"amount_mib": 1}"#),
         "balloon",
