@@ -5,8 +5,13 @@
 //!
 //! Layout on the host: `<base>/ember/<id>/` holds `.lock` (flock'ed for the VMM's life:
 //! that, not the directory, says "in use"), `ember.pid` (the VMM's pid) and `root/` (the
-//! VMM's `/`). A path given to the jailed ember (e.g. `--api-sock /run/ember.socket`) is
-//! inside the jail: on the host it is `<base>/ember/<id>/root/run/ember.socket`.
+//! VMM's `/`). A path given to the jailed ember (e.g. `--api-sock /run/api.sock`) is
+//! inside the jail: on the host it is `<base>/ember/<id>/root/run/api.sock`.
+//!
+//! Firecracker's jailer command line (`cli::parse_jailer`) uses the same machinery with
+//! Firecracker's layout, `<base>/<basename of --exec-file>/<id>/root` (default base
+//! `/srv/jailer`), and an `engine_root`: the engine may have filled the root before, so
+//! ember enters the jail before reading anything and leaves the root's contents alone.
 //!
 //! Process model: `enter` forks. The process the user started stays outside the jail as a
 //! supervisor (root, in the host namespaces): it forwards stop signals to the VMM, waits
