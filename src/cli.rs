@@ -98,6 +98,9 @@ pub struct Args {
     /// run. ember runs itself in the jail, so this names the jail directory
     /// (`<base>/<basename>/<id>`) and must be this ember.
     pub exec_file: Option<PathBuf>,
+    /// The jailer's old `--node N` (NUMA node), which Kata still passes: ignored with a
+    /// warning (placement is the cgroups' job, `--cgroup cpuset.mems=N`).
+    pub jailer_node: Option<String>,
 }
 
 /// Flags that may be given more than once.
@@ -303,10 +306,7 @@ pub fn parse_jailer<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, Arg
             "--resource-limit" => a.resource_limits.push(value()?),
             // An old jailer flag (NUMA node) that engines such as Kata still pass; ember
             // leaves placement to the cgroup settings (`--cgroup cpuset.mems=N`).
-            "--node" => {
-                let n = value()?;
-                log::warn!("jailer: `--node {n}` is ignored; use --cgroup cpuset.mems=N");
-            }
+            "--node" => a.jailer_node = Some(value()?),
             "--daemonize" if inline.is_none() => a.daemonize = true,
             "--new-pid-ns" if inline.is_none() => a.new_pid_ns = true,
             "--daemonize" | "--new-pid-ns" => return Err(ArgError::UnexpectedValue(flag)),

@@ -165,6 +165,9 @@ fn version_text() -> String {
 
 /// One warning line for each flag ember accepts but does not act on (yet).
 fn warn_unimplemented_flags(args: &cli::Args) {
+    if let Some(n) = &args.jailer_node {
+        log::warn!("jailer: `--node {n}` is ignored; use --cgroup cpuset.mems=N");
+    }
     if args.enable_pci {
         log::warn!(
             "--enable-pci: ember has no PCI; its devices are on virtio-mmio (the guest finds them through the kernel command line)"
