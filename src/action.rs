@@ -7,7 +7,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{
     BootSourceConfig, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, NetworkInterfaceConfig, VsockConfig,
+    MetricsConfig, MmdsConfig, NetworkInterfaceConfig, VsockConfig,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +36,13 @@ pub enum Action {
     FlushMetrics,
     Pause,
     Resume,
+    /// GET /mmds
+    GetMmds,
+    /// PUT /mmds: replaces the store.
+    PutMmds(serde_json::Value),
+    /// PATCH /mmds: a JSON merge patch.
+    PatchMmds(serde_json::Value),
+    PutMmdsConfig(MmdsConfig),
 }
 
 /// A successful answer: 204 with no body, or 200 with a JSON body.

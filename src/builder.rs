@@ -110,6 +110,8 @@ pub const PVM_BOOT_ARGS: &[&str] = &["noxsave", "clearcpuid=popcnt,smap"];
 #[derive(Clone, Debug, Default)]
 pub struct BuildOptions {
     pub boot_timer: bool,
+    /// The metadata store the interfaces of `mmds-config` answer from.
+    pub mmds: crate::mmds::SharedMmds,
 }
 
 /// Builds the VM described by `config` (already validated), phase by phase.
@@ -200,7 +202,8 @@ fn create_devices(
     let mut devices = DeviceManager::new(vm.clone(), mem.clone())?;
     devices.add_legacy_devices(reset_evt, opts.boot_timer)?;
     devices.add_drives(&config.drives)?;
-    devices.add_network_interfaces(&config.network_interfaces)?;
+    let mmds = config.mmds_config.as_ref().map(|c| (c, &opts.mmds));
+    devices.add_network_interfaces(&config.network_interfaces, mmds)?;
     if let Some(v) = &config.vsock {
         devices.add_vsock(v)?;
     }

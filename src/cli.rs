@@ -28,8 +28,8 @@ Options:
   --start-time-us US                when the launch began (wall clock, µs since the epoch; set by jailers)
   --start-time-cpu-us US            the launcher's CPU time at that point (µs)
   --parent-cpu-time-us US           CPU time the launcher spent before starting ember (µs)
-  --metadata FILE                   MMDS contents (JSON); kept, MMDS is not implemented yet (warning)
-  --mmds-size-limit BYTES           MMDS data store size limit; kept, MMDS is not implemented yet (warning)
+  --metadata FILE                   fill the MMDS store from this JSON file at start
+  --mmds-size-limit BYTES           largest MMDS store (default: the API body limit)
   --enable-pci                      accepted; ember's devices are on virtio-mmio (warning)
   --snapshot-version                print the snapshot format version and exit
   --describe-snapshot FILE          print the format version of a snapshot file and exit
@@ -73,7 +73,7 @@ pub struct Args {
     pub start_time_us: Option<u64>,
     pub start_time_cpu_us: Option<u64>,
     pub parent_cpu_time_us: Option<u64>,
-    /// MMDS inputs, kept for the MMDS until it exists (a warning says so).
+    /// MMDS inputs: the store's contents at start and its size limit.
     pub metadata: Option<PathBuf>,
     pub mmds_size_limit: Option<usize>,
     pub enable_pci: bool,

@@ -7,6 +7,7 @@ use crate::action::{Action, ActionError, ActionOk, ActionResult};
 use crate::builder;
 use crate::config::{self, VmConfig};
 use crate::metrics::{METRICS, timeline_mark};
+use crate::mmds::{self, Mmds, MmdsError, SharedMmds};
 use crate::vcpu::{ExitSignal, VmExit};
 use crate::vmm::{EventLoop, Vmm};
 
@@ -43,10 +44,8 @@ pub struct Controller {
     /// Files a jail imported, as (path inside the jail, path the user gave): GET
     /// /vm/config reports paths as the user gave them.
     pub path_aliases: Vec<(String, String)>,
-    /// `--metadata` (parsed JSON) and `--mmds-size-limit`, kept for the MMDS, which ember
-    /// does not implement yet.
-    pub mmds_metadata: Option<serde_json::Value>,
-    pub mmds_size_limit: Option<usize>,
+    /// The metadata store: the API's, and the MMDS-enabled interfaces' once started.
+    pub mmds: SharedMmds,
 }
 
 /// Firecracker opens the files a PUT names when it is applied, so a wrong path fails that
@@ -75,6 +74,17 @@ fn bad(e: impl std::fmt::Display) -> ActionError {
     ActionError::bad_request(e.to_string())
 }
 
+/// Firecracker answers a store that would exceed `--mmds-size-limit` with 413.
+fn mmds_error(e: MmdsError) -> ActionError {
+    match e {
+        MmdsError::DataStoreLimitExceeded => ActionError {
+            status: 413,
+            message: format!("MMDS limit exceeded error: {e}"),
+        },
+        e => ActionError::bad_request(format!("MMDS error: {e}")),
+    }
+}
+
 impl Controller {
     pub fn new(
         id: String,
@@ -90,8 +100,7 @@ impl Controller {
             exit,
             boot_timer,
             path_aliases: Vec::new(),
-            mmds_metadata: None,
-            mmds_size_limit: None,
+            mmds: Mmds::shared(crate::api::DEFAULT_MAX_PAYLOAD),
         }
     }
 
@@ -144,8 +153,12 @@ impl Controller {
         event_loop: &mut EventLoop,
     ) -> Result<(), builder::BuildError> {
         timeline_mark(&METRICS.boot_timeline_us.instance_start);
+        if let Some(c) = &self.config.mmds_config {
+            mmds::lock(&self.mmds).configure(c.version, c.imds_compat);
+        }
         let opts = builder::BuildOptions {
             boot_timer: self.boot_timer,
+            mmds: self.mmds.clone(),
         };
         let built = builder::build(&self.config, &opts, self.exit.clone())?;
         // Before any vCPU thread exists: a filter that cannot be installed fails the start
@@ -293,6 +306,22 @@ impl Controller {
                     vmm.resume();
                     self.state = State::Running;
                 }
+                Ok(ActionOk::NoContent)
+            }
+            Action::GetMmds => Ok(ActionOk::Json(mmds::lock(&self.mmds).data().to_string())),
+            Action::PutMmds(v) => {
+                mmds::lock(&self.mmds).put(v).map_err(mmds_error)?;
+                Ok(ActionOk::NoContent)
+            }
+            Action::PatchMmds(v) => {
+                mmds::lock(&self.mmds).patch(&v).map_err(mmds_error)?;
+                Ok(ActionOk::NoContent)
+            }
+            Action::PutMmdsConfig(c) => {
+                self.pre_boot()?;
+                c.validate(&self.config.network_interfaces).map_err(bad)?;
+                mmds::lock(&self.mmds).configure(c.version, c.imds_compat);
+                self.config.mmds_config = Some(c);
                 Ok(ActionOk::NoContent)
             }
         }

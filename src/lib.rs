@@ -13,6 +13,7 @@ pub mod exit_code;
 pub mod jail;
 pub mod logger;
 pub mod metrics;
+pub mod mmds;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vm;

@@ -173,15 +173,6 @@ fn warn_unimplemented_flags(args: &cli::Args) {
             "--enable-pci: ember has no PCI; its devices are on virtio-mmio (the guest finds them through the kernel command line)"
         );
     }
-    if let Some(p) = &args.metadata {
-        log::warn!(
-            "--metadata {}: kept, but ember has no MMDS yet: the guest cannot read it",
-            p.display()
-        );
-    }
-    if let Some(n) = args.mmds_size_limit {
-        log::warn!("--mmds-size-limit {n}: kept, but ember has no MMDS yet");
-    }
 }
 
 /// Reads `--metadata` (JSON, as Firecracker requires) for the MMDS.
@@ -236,7 +227,7 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
         start_time_cpu_us: args.start_time_cpu_us,
         parent_cpu_time_us: args.parent_cpu_time_us,
     };
-    let mmds_metadata = read_metadata(&args)?;
+    let metadata = read_metadata(&args)?;
     let mut file_config = read_config_file(&args, &id)?;
     // After the config file's logger section: the warnings go where the log goes.
     warn_unimplemented_flags(&args);
@@ -276,8 +267,7 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
         args.boot_timer,
     );
     controller.path_aliases = path_aliases;
-    controller.mmds_metadata = mmds_metadata;
-    controller.mmds_size_limit = args.mmds_size_limit;
+    controller.mmds = read_metadata_into_store(&args, metadata)?;
     // The API thread, unless --no-api: it only parses and forwards actions to this thread.
     let api = if args.no_api {
         None
@@ -372,6 +362,29 @@ fn init_logging(args: &cli::Args) -> Result<String, StartError> {
         metrics::set_output(&path.to_string_lossy()).map_err(StartError::MetricsPath)?;
     }
     Ok(id)
+}
+
+/// The MMDS store, bounded by `--mmds-size-limit` (as Firecracker, the API's body limit
+/// when absent), holding `--metadata`'s contents.
+fn read_metadata_into_store(
+    args: &cli::Args,
+    metadata: Option<serde_json::Value>,
+) -> Result<ember::mmds::SharedMmds, StartError> {
+    let limit = args
+        .mmds_size_limit
+        .or(args.max_payload)
+        .unwrap_or(api::DEFAULT_MAX_PAYLOAD);
+    let store = ember::mmds::Mmds::shared(limit);
+    if let Some(v) = metadata {
+        ember::mmds::lock(&store)
+            .put(v)
+            .map_err(|e| StartError::Metadata {
+                path: args.metadata.clone().unwrap_or_default(),
+                why: format!("{e} (the store is limited to {limit} bytes by --mmds-size-limit)"),
+            })?;
+        log::info!("MMDS store filled from --metadata");
+    }
+    Ok(store)
 }
 
 /// The configuration file, if any: parsed and validated before anything else happens,

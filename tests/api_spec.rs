@@ -184,6 +184,7 @@ fn body_definitions_match_the_config_types() {
     check_definition::<LoggerConfig>(&defs, "Logger");
     check_definition::<MetricsConfig>(&defs, "Metrics");
     check_definition::<VsockConfig>(&defs, "Vsock");
+    check_definition::<MmdsConfig>(&defs, "MmdsConfig");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use crate::action::{Action, ActionError};
 use crate::config::{
     BootSourceConfig, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, NetworkInterfaceConfig, VsockConfig,
+    MetricsConfig, MmdsConfig, NetworkInterfaceConfig, VsockConfig,
 };
 
 /// Path segments captured by `{name}` in a template, in order.
@@ -42,6 +42,10 @@ pub const ROUTES: &[Route] = &[
     r("PUT", "/vsock", put_vsock),
     r("PUT", "/actions", put_actions),
     r("PATCH", "/vm", patch_vm),
+    r("GET", "/mmds", |_, _| Ok(Action::GetMmds)),
+    r("PUT", "/mmds", put_mmds),
+    r("PATCH", "/mmds", patch_mmds),
+    r("PUT", "/mmds/config", put_mmds_config),
 ];
 
 const fn r(method: &'static str, path: &'static str, handler: Handler) -> Route {
@@ -56,7 +60,6 @@ const fn r(method: &'static str, path: &'static str, handler: Handler) -> Route 
 /// the feature to name in the refusal. Not routes: they are absent from the OpenAPI spec.
 pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("balloon", "the balloon device"),
-    ("mmds", "the MMDS (microVM metadata service)"),
     ("entropy", "the entropy (virtio-rng) device"),
     ("snapshot", "snapshots"),
     ("cpu-config", "custom CPU templates"),
@@ -232,6 +235,18 @@ fn put_metrics(_: &Params, body: &[u8]) -> Result<Action, ActionError> {
 
 fn put_vsock(_: &Params, body: &[u8]) -> Result<Action, ActionError> {
     parse::<VsockConfig>(body).map(Action::PutVsock)
+}
+
+fn put_mmds(_: &Params, body: &[u8]) -> Result<Action, ActionError> {
+    parse::<serde_json::Value>(body).map(Action::PutMmds)
+}
+
+fn patch_mmds(_: &Params, body: &[u8]) -> Result<Action, ActionError> {
+    parse::<serde_json::Value>(body).map(Action::PatchMmds)
+}
+
+fn put_mmds_config(_: &Params, body: &[u8]) -> Result<Action, ActionError> {
+    parse::<MmdsConfig>(body).map(Action::PutMmdsConfig)
 }
 
 /// The variant names are the accepted `action_type` strings.
@@ -463,8 +478,6 @@ mod tests {
         for (m, p) in [
             ("GET", "/balloon"),
             ("GET", "/balloon/statistics"),
-            ("PUT", "/mmds"),
-            ("PUT", "/mmds/config"),
             ("PUT", "/entropy"),
             ("PUT", "/snapshot/create"),
             ("PUT", "/snapshot/load"),

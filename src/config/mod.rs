@@ -9,6 +9,7 @@ pub mod drive;
 pub mod logger;
 pub mod machine_config;
 pub mod metrics;
+pub mod mmds;
 pub mod net;
 pub mod unsupported;
 pub mod vsock;
@@ -21,6 +22,7 @@ pub use drive::{CacheType, DriveConfig, DriveError, DriveUpdate, IoEngine};
 pub use logger::{LogLevel, LoggerConfig, LoggerConfigError};
 pub use machine_config::{MachineConfig, MachineConfigError, MachineConfigUpdate};
 pub use metrics::{MetricsConfig, MetricsConfigError};
+pub use mmds::{MmdsConfig, MmdsConfigError};
 pub use net::{MacAddr, NetError, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use unsupported::{UnsupportedError, UnsupportedValue};
 pub use vsock::{VsockConfig, VsockConfigError};
@@ -64,10 +66,8 @@ pub struct VmConfig {
     // Firecracker resources ember does not implement: see unsupported.rs.
     #[serde(default)]
     pub balloon: UnsupportedValue,
-    /// Accepted with a warning (not refused like the others): engines such as flintlock
-    /// always write it, and the guest boots without the metadata service.
     #[serde(rename = "mmds-config", default)]
-    pub mmds_config: UnsupportedValue,
+    pub mmds_config: Option<MmdsConfig>,
     #[serde(default)]
     pub entropy: UnsupportedValue,
     #[serde(rename = "cpu-config", default)]
@@ -134,6 +134,8 @@ pub enum ConfigError {
     Metrics(#[from] MetricsConfigError),
     #[error("vsock.{0}")]
     Vsock(#[from] VsockConfigError),
+    #[error("mmds-config: {0}")]
+    Mmds(#[from] MmdsConfigError),
     #[error(transparent)]
     Unsupported(#[from] UnsupportedError),
 }
@@ -193,13 +195,6 @@ impl VmConfig {
         let text = stripped.as_deref().unwrap_or(text);
         let config: VmConfig = serde_json::from_str(text).map_err(|e| json_error(text, e))?;
         config.validate()?;
-        if !config.mmds_config.is_unset() {
-            warnings.push(
-                "config file: mmds-config kept, but ember has no MMDS yet: the guest cannot \
-                 reach the metadata service"
-                    .into(),
-            );
-        }
         Ok((config, warnings))
     }
 
@@ -224,6 +219,9 @@ impl VmConfig {
         }
         if let Some(v) = &self.vsock {
             v.validate()?;
+        }
+        if let Some(m) = &self.mmds_config {
+            m.validate(&self.network_interfaces)?;
         }
         for (name, value) in [
             ("balloon", &self.balloon),
@@ -306,6 +304,7 @@ fn locate_json_error(text: &str, err: &serde_json::Error) -> Option<String> {
             "logger" => consider(key.clone(), fails_as::<Option<LoggerConfig>>(value)),
             "metrics" => consider(key.clone(), fails_as::<Option<MetricsConfig>>(value)),
             "vsock" => consider(key.clone(), fails_as::<Option<VsockConfig>>(value)),
+            "mmds-config" => consider(key.clone(), fails_as::<Option<MmdsConfig>>(value)),
             "drives" | "network-interfaces" => match value.as_array() {
                 Some(items) => {
                     for (i, item) in items.iter().enumerate() {
@@ -483,19 +482,6 @@ mod tests {
         assert!(e.contains("unknown field `foo`"), "{e}");
     }
 
-    /// The MMDS is not implemented yet; its section is kept with a warning, never refused
-    /// (flintlock always writes it).
-    #[test]
-    fn mmds_config_is_kept() {
-        let c = VmConfig::from_json(&with(
-            r#""mmds-config": {"network_interfaces": ["eth0"], "version": "V2"}"#,
-        ))
-        .unwrap();
-        assert!(!c.mmds_config.is_unset());
-        let v: serde_json::Value = serde_json::from_str(&c.to_json()).unwrap();
-        assert_eq!(v["mmds-config"]["version"], "V2");
-    }
-
     #[test]
     fn boot_source_is_required() {
         let e = err("{}");
@@ -641,7 +627,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(unsupported::UNSUPPORTED_RESOURCES.len(), 7);
+        assert_eq!(unsupported::UNSUPPORTED_RESOURCES.len(), 6);
     }
 
     #[test]

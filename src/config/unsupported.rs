@@ -10,7 +10,6 @@ use serde::{Deserialize, Serialize};
 /// Top-level config-file keys (and API resources) of Firecracker that ember refuses.
 pub const UNSUPPORTED_RESOURCES: &[&str] = &[
     "balloon",
-    "mmds-config",
     "entropy",
     "cpu-config",
     "memory-hotplug",

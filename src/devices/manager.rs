@@ -19,8 +19,11 @@ use super::serial::{ConsoleInput, ConsoleOut, SerialDevice};
 use super::virtio::vsock::Vsock;
 use super::virtio::{Block, MmioTransport, Net, VirtioDevice, VirtioError, net::NetMetrics};
 use crate::config::drive::DriveConfig;
+use crate::config::MmdsConfig;
 use crate::config::net::NetworkInterfaceConfig;
 use crate::config::vsock::VsockConfig;
+use crate::mmds::SharedMmds;
+use crate::mmds::stack::MmdsStack;
 use crate::vm::layout::{
     BOOT_TIMER_SIZE, BOOT_TIMER_START, I8042_IRQ, I8042_PORT_BASE, I8042_PORT_SIZE, IOAPIC_SIZE,
     IOAPIC_START, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_SIZE, VIRTIO_IRQ_BASE,
@@ -298,10 +301,21 @@ impl DeviceManager {
     pub fn add_network_interfaces(
         &mut self,
         ifaces: &[NetworkInterfaceConfig],
+        mmds: Option<(&MmdsConfig, &SharedMmds)>,
     ) -> Result<(), DeviceError> {
         for iface in ifaces {
             let metrics = Arc::new(NetMetrics::default());
-            let dev = Net::from_config(iface, metrics.clone())?;
+            let mut dev = Net::from_config(iface, metrics.clone())?;
+            if let Some((c, store)) = mmds
+                && c.network_interfaces.contains(&iface.iface_id)
+            {
+                dev.set_mmds(MmdsStack::new(c.ipv4(), store.clone()));
+                log::info!(
+                    "network interface `{}`: answers MMDS requests at {}",
+                    iface.iface_id,
+                    c.ipv4()
+                );
+            }
             let mac = dev.mac();
             let entry =
                 self.attach_virtio(DeviceKind::VirtioNet, &iface.iface_id, Box::new(dev))?;

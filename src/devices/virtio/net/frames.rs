@@ -11,6 +11,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use super::tap::{NetBackend, VNET_HDR_LEN};
 use super::{MAX_FRAME_LEN, NUM_BUFFERS_OFFSET, NetMetrics};
 use crate::devices::virtio::queue::{self, Work};
+use crate::mmds::stack::MmdsStack;
 use crate::vm::memory::GuestMemory;
 
 fn inc(c: &AtomicU64, by: u64) {
@@ -49,6 +50,9 @@ pub struct Frames {
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
     metrics: Arc<NetMetrics>,
+    /// The metadata service's endpoint on this interface (`mmds-config`): frames for its
+    /// address go there instead of the TAP, and its frames come before the TAP's.
+    pub mmds: Option<MmdsStack>,
 }
 
 impl Frames {
@@ -60,12 +64,18 @@ impl Frames {
             rx_buf: vec![0; MAX_FRAME_LEN],
             tx_buf: vec![0; MAX_FRAME_LEN],
             metrics,
+            mmds: None,
         }
     }
 
     /// Whether a frame read from the backend waits for a guest buffer.
     pub fn has_pending(&self) -> bool {
         self.rx_pending.is_some()
+    }
+
+    /// Whether the MMDS endpoint has frames for the guest.
+    pub fn mmds_has_output(&self) -> bool {
+        self.mmds.as_ref().is_some_and(|m| m.has_output())
     }
 
     /// Forgets the waiting frame (device reset: the guest's buffers are gone).
@@ -83,7 +93,18 @@ impl Frames {
     ) -> RxPass {
         let mut used = 0u32;
         for _ in 0..queue.size() {
-            let len = match self.rx_pending {
+            let mmds_frame = match (self.rx_pending, self.mmds.as_mut()) {
+                (None, Some(m)) => {
+                    let (hdr, rest) = self.rx_buf.split_at_mut(VNET_HDR_LEN);
+                    m.write_next_frame(rest).map(|n| {
+                        // No offloads in MMDS frames: their checksums are complete.
+                        hdr.fill(0);
+                        n + VNET_HDR_LEN
+                    })
+                }
+                _ => None,
+            };
+            let len = match self.rx_pending.or(mmds_frame) {
                 Some(len) => len,
                 None => match backend.recv(&mut self.rx_buf) {
                     // A TAP never reads 0 bytes; a backend that does is at its end.
@@ -188,7 +209,9 @@ impl Frames {
             match gather_chain(mem, chain, &mut self.tx_buf, usize::from(queue.size())) {
                 Ok(len) => {
                     let frame = self.tx_buf.get(..len).unwrap_or_default();
-                    match backend.send(frame) {
+                    let eth = frame.get(VNET_HDR_LEN..).unwrap_or_default();
+                    let detoured = self.mmds.as_mut().is_some_and(|m| m.detour(eth));
+                    match if detoured { Ok(()) } else { backend.send(frame) } {
                         Ok(()) => {
                             inc(&self.metrics.tx_frames, 1);
                             inc(&self.metrics.tx_bytes, (len - VNET_HDR_LEN) as u64);

@@ -39,6 +39,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{ActivateError, Interest, LogOnce, VirtioDevice, VirtioError, VirtioInterrupt, Work};
 use crate::config::net::{MacAddr, NetworkInterfaceConfig};
+use crate::mmds::stack::MmdsStack;
 use crate::vm::memory::GuestMemory;
 pub use frames::{Frames, RxPass, RxState};
 use tap::{NetBackend, Tap};
@@ -229,6 +230,11 @@ impl<B: NetBackend> Net<B> {
         MacAddr(m)
     }
 
+    /// Serves the metadata service on this interface.
+    pub fn set_mmds(&mut self, stack: MmdsStack) {
+        self.frames.mmds = Some(stack);
+    }
+
     pub fn backend(&self) -> &B {
         &self.backend
     }
@@ -279,6 +285,10 @@ impl<B: NetBackend> Net<B> {
             .process_rx(&active.mem, &mut active.rx, &mut self.backend);
         if pass.used > 0 && active.rx.needs_notification(&active.mem).unwrap_or(true) {
             active.interrupt.signal_used_queue();
+        }
+        // The pass stopped at its cap with MMDS frames left, which no TAP event announces.
+        if pass.state == RxState::Capped && self.frames.mmds_has_output() {
+            self.wake_event_loop();
         }
         match pass.state {
             RxState::Drained | RxState::Capped => {
@@ -398,7 +408,14 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
         match index {
             // The guest posted RX buffers: deliver what waits, and resume reading the TAP.
             RX_QUEUE => self.run_rx(interest),
-            TX_QUEUE => self.run_tx(),
+            TX_QUEUE => {
+                let work = self.run_tx();
+                // Frames the guest sent to the MMDS have answers to deliver.
+                if self.frames.mmds_has_output() && self.run_rx(interest) == Work::Broken {
+                    return Work::Broken;
+                }
+                work
+            }
             _ => Work::Done,
         }
     }
