@@ -22,7 +22,7 @@ pub use drive::{CacheType, DriveConfig, DriveError, DriveUpdate, IoEngine};
 pub use logger::{LogLevel, LoggerConfig, LoggerConfigError};
 pub use machine_config::{MachineConfig, MachineConfigError, MachineConfigUpdate};
 pub use metrics::{MetricsConfig, MetricsConfigError};
-pub use mmds::{MmdsConfig, MmdsConfigError};
+pub use mmds::{MmdsConfig, MmdsConfigError, MmdsVersion};
 pub use net::{MacAddr, NetError, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use unsupported::{UnsupportedError, UnsupportedValue};
 pub use vsock::{VsockConfig, VsockConfigError};
@@ -628,6 +628,35 @@ mod tests {
             }
         }
         assert_eq!(unsupported::UNSUPPORTED_RESOURCES.len(), 6);
+    }
+
+    #[test]
+    fn mmds_config() {
+        let net = r#""network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}]"#;
+        let ok = with(&format!(
+            r#"{net}, "mmds-config": {{"version": "V2", "network_interfaces": ["eth0"]}}"#
+        ));
+        let c = VmConfig::from_json(&ok).unwrap();
+        let m = c.mmds_config.clone().unwrap();
+        assert_eq!(m.version, MmdsVersion::V2);
+        assert_eq!(m.ipv4().to_string(), "169.254.169.254");
+        assert_eq!(VmConfig::from_json(&c.to_json()).unwrap(), c);
+        for (mmds, want) in [
+            (r#"{"network_interfaces": []}"#, "is empty"),
+            (r#"{"network_interfaces": ["eth1"]}"#, "does not correspond"),
+            (
+                r#"{"network_interfaces": ["eth0"], "ipv4_address": "10.0.0.1"}"#,
+                "not link local",
+            ),
+            (
+                r#"{"network_interfaces": ["eth0"], "ipv4_address": "169.254.0.1"}"#,
+                "not link local",
+            ),
+            (r#"{"network_interfaces": ["eth0"], "version": "V3"}"#, "unknown variant"),
+        ] {
+            let e = err(&with(&format!(r#"{net}, "mmds-config": {mmds}"#)));
+            assert!(e.contains(want), "{mmds}: {e}");
+        }
     }
 
     #[test]
