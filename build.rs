@@ -29,6 +29,7 @@ const GUEST_SOURCES: &[&str] = &[
     "netbench.c",
     "hostile.c",
     "vsock.c",
+    "mmds.c",
 ];
 const GUEST_OTHER_INPUTS: &[&str] = &["guest.h", "virtio.h", "guest.ld"];
 const GUEST_IMAGE: &str = "ember-test-guest";

@@ -121,5 +121,7 @@ void blk_bench(uint64_t base, const char *cmdline);
 void net_bench(uint64_t base, const char *cmdline);
 /* vsock.c: serves the host's connections forever (README.md). */
 void vsock_run(uint64_t base, const char *cmdline);
+/* mmds.c: an ARP + TCP + HTTP client of the metadata service (mmds_script=...). */
+void mmds_test(uint64_t base, const char *cmdline);
 
 #endif

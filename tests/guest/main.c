@@ -26,6 +26,7 @@
 #define MODE_NETBENCH (1u << 8)
 #define MODE_HOSTILE (1u << 9)
 #define MODE_VSOCK (1u << 10)
+#define MODE_MMDS (1u << 11)
 
 /* Where no device lives in ember: an I/O port (QEMU's fw_cfg, absent in ember) and a
  * page inside the MMIO gap above the virtio windows. Both must read as all ones. */
@@ -93,6 +94,7 @@ static unsigned parse_modes(void)
 		{"boottimer", MODE_BOOTTIMER}, {"blk", MODE_BLK}, {"net", MODE_NET},
 		{"flood", MODE_FLOOD}, {"blkbench", MODE_BLKBENCH}, {"netbench", MODE_NETBENCH},
 		{"hostile", MODE_HOSTILE}, {"vsock", MODE_VSOCK},
+		{"mmds", MODE_MMDS},
 	};
 	unsigned modes = 0;
 	const char *p = NULL;
@@ -444,6 +446,8 @@ void guest_main(const uint8_t *boot_params)
 		virtio_for_each(cmdline, 1, "net-bench", net_bench);
 	if (modes & MODE_HOSTILE)
 		hostile_run(cmdline);
+	if (modes & MODE_MMDS)
+		virtio_for_each(cmdline, 1, "mmds", mmds_test);
 	if (modes & MODE_VSOCK)
 		virtio_for_each(cmdline, 19, "vsock", vsock_run);
 	if (modes & MODE_COUNTER)
