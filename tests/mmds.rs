@@ -106,9 +106,8 @@ impl NetNs {
                     continue;
                 }
                 // SAFETY: recv into our own buffer of its length.
-                let n = unsafe {
-                    libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
-                };
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
                 if n > 0 {
                     f.lock().unwrap().push(buf[..n as usize].to_vec());
                 }
@@ -190,7 +189,14 @@ fn is_ipv4_to(f: &[u8], ip: [u8; 4]) -> bool {
 
 fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
     let mut c = Command::new("curl");
-    c.args(["-s", "-S", "--unix-socket", sock.to_str().unwrap(), "-X", method]);
+    c.args([
+        "-s",
+        "-S",
+        "--unix-socket",
+        sock.to_str().unwrap(),
+        "-X",
+        method,
+    ]);
     c.args(["-w", "\n%{http_code}"]);
     if let Some(b) = body {
         c.args(["-H", "Content-Type: application/json", "-d", b]);
@@ -258,7 +264,10 @@ fn v1_listings_json_patch_and_other_traffic() {
         seen.push(l.to_string());
         l == "mmds: waiting for patch"
     });
-    assert!(waiting.is_some(), "guest never waited for the patch: {seen:#?}");
+    assert!(
+        waiting.is_some(),
+        "guest never waited for the patch: {seen:#?}"
+    );
     wait_for_socket(&sock);
     let patch = r#"{"latest": {"meta-data": {"patched": "yes"}}}"#;
     assert_eq!(curl(&sock, "PATCH", "/mmds", Some(patch)).0, 204);
@@ -308,9 +317,8 @@ fn v1_listings_json_patch_and_other_traffic() {
         "an MMDS frame reached the TAP"
     );
     assert!(
-        f0.iter()
-            .any(|f| is_ipv4_to(f, [169, 254, 169, 253])
-                && f.windows(16).any(|w| w == b"ember-mmds-other")),
+        f0.iter().any(|f| is_ipv4_to(f, [169, 254, 169, 253])
+            && f.windows(16).any(|w| w == b"ember-mmds-other")),
         "the UDP frame to another address did not reach the TAP ({} frames)",
         f0.len()
     );
@@ -393,9 +401,18 @@ fn api_store_config_and_limits() {
     let (s, b) = curl(&sock, "PATCH", "/mmds", Some(r#"{"a": "b"}"#));
     assert_eq!(s, 400, "{b}");
     assert!(b.contains("The MMDS data store is not initialized."), "{b}");
-    assert_eq!(curl(&sock, "PUT", "/mmds", Some(r#"{"a": {"b": "c"}, "d": 1}"#)).0, 204);
     assert_eq!(
-        curl(&sock, "PATCH", "/mmds", Some(r#"{"a": {"x": "y"}, "d": null}"#)).0,
+        curl(&sock, "PUT", "/mmds", Some(r#"{"a": {"b": "c"}, "d": 1}"#)).0,
+        204
+    );
+    assert_eq!(
+        curl(
+            &sock,
+            "PATCH",
+            "/mmds",
+            Some(r#"{"a": {"x": "y"}, "d": null}"#)
+        )
+        .0,
         204
     );
     assert_eq!(
@@ -408,11 +425,22 @@ fn api_store_config_and_limits() {
     assert!(b.contains("The MMDS patch request doesn't fit."), "{b}");
     assert_eq!(curl(&sock, "PATCH", "/mmds", Some(&big)).0, 413);
     assert_eq!(curl(&sock, "PUT", "/mmds", Some("{not json")).0, 400);
-    let (s, b) = curl(&sock, "PUT", "/mmds/config", Some(r#"{"network_interfaces": ["eth0"]}"#));
+    let (s, b) = curl(
+        &sock,
+        "PUT",
+        "/mmds/config",
+        Some(r#"{"network_interfaces": ["eth0"]}"#),
+    );
     assert_eq!(s, 400);
-    assert!(b.contains("does not correspond to any existing network interface"), "{b}");
+    assert!(
+        b.contains("does not correspond to any existing network interface"),
+        "{b}"
+    );
     let net = r#"{"iface_id": "eth0", "host_dev_name": "tap-mmds-x"}"#;
-    assert_eq!(curl(&sock, "PUT", "/network-interfaces/eth0", Some(net)).0, 204);
+    assert_eq!(
+        curl(&sock, "PUT", "/network-interfaces/eth0", Some(net)).0,
+        204
+    );
     let (s, b) = curl(
         &sock,
         "PUT",
@@ -420,7 +448,10 @@ fn api_store_config_and_limits() {
         Some(r#"{"network_interfaces": ["eth0"], "ipv4_address": "10.0.0.1"}"#),
     );
     assert_eq!(s, 400);
-    assert!(b.contains("The MMDS IPv4 address is not link local."), "{b}");
+    assert!(
+        b.contains("The MMDS IPv4 address is not link local."),
+        "{b}"
+    );
     let cfg = r#"{"version": "V2", "network_interfaces": ["eth0"], "imds_compat": true}"#;
     assert_eq!(curl(&sock, "PUT", "/mmds/config", Some(cfg)).0, 204);
     let (s, b) = curl(&sock, "GET", "/vm/config", None);

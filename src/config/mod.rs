@@ -652,7 +652,10 @@ mod tests {
                 r#"{"network_interfaces": ["eth0"], "ipv4_address": "169.254.0.1"}"#,
                 "not link local",
             ),
-            (r#"{"network_interfaces": ["eth0"], "version": "V3"}"#, "unknown variant"),
+            (
+                r#"{"network_interfaces": ["eth0"], "version": "V3"}"#,
+                "unknown variant",
+            ),
         ] {
             let e = err(&with(&format!(r#"{net}, "mmds-config": {mmds}"#)));
             assert!(e.contains(want), "{mmds}: {e}");

@@ -239,7 +239,10 @@ fn get(mmds: &Mmds, req: &Request, path: &str) -> Response {
 
 fn put_token(mmds: &mut Mmds, req: &Request, path: &str) -> Response {
     if let Some((k, _)) = req.header(&["x-forwarded-for"]) {
-        return text(400, format!("Invalid header. Reason: Unsupported header name. Key: {k}"));
+        return text(
+            400,
+            format!("Invalid header. Reason: Unsupported header name. Key: {k}"),
+        );
     }
     if path != TOKEN_PATH {
         return text(404, format!("Resource not found: {}.", req.uri));
@@ -305,11 +308,18 @@ mod tests {
     #[test]
     fn v1_and_v2() {
         let mut m = Mmds::new(1 << 16);
-        m.put(json!({"latest": {"meta-data": {"id": "i-1"}}})).unwrap();
+        m.put(json!({"latest": {"meta-data": {"id": "i-1"}}}))
+            .unwrap();
         let r = req(&mut m, "GET //latest//meta-data/ HTTP/1.1\r\n\r\n");
         assert_eq!((r.status, r.body.as_str()), (200, "id"));
-        let r = req(&mut m, "GET /latest/meta-data HTTP/1.1\r\nAccept: application/json\r\n\r\n");
-        assert_eq!((r.status, r.body.as_str(), r.json), (200, r#"{"id":"i-1"}"#, true));
+        let r = req(
+            &mut m,
+            "GET /latest/meta-data HTTP/1.1\r\nAccept: application/json\r\n\r\n",
+        );
+        assert_eq!(
+            (r.status, r.body.as_str(), r.json),
+            (200, r#"{"id":"i-1"}"#, true)
+        );
         assert_eq!(req(&mut m, "GET /x HTTP/1.1\r\n\r\n").status, 404);
         assert_eq!(req(&mut m, "POST / HTTP/1.1\r\n\r\n").status, 405);
         m.configure(MmdsVersion::V2, false);
@@ -321,7 +331,10 @@ mod tests {
             "PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 60\r\n\r\n",
         );
         assert_eq!(r.status, 200);
-        let ok = format!("GET /latest HTTP/1.1\r\nX-metadata-token: {}\r\n\r\n", r.body);
+        let ok = format!(
+            "GET /latest HTTP/1.1\r\nX-metadata-token: {}\r\n\r\n",
+            r.body
+        );
         assert_eq!(req(&mut m, &ok).status, 200);
         let bad = "GET /latest HTTP/1.1\r\nX-metadata-token: 1234\r\n\r\n";
         assert_eq!(req(&mut m, bad).status, 401);

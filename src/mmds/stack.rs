@@ -892,9 +892,68 @@ mod tests {
         assert!(s.detour(&f));
     }
 
+    /// Structured random segments (any flags, sequence numbers near and far from the
+    /// connection's, any data) and raw garbage from many ports: the endpoint stays within
+    /// its bounds, answers only with well-formed frames, and drains in bounded steps.
+    #[test]
+    fn random_segments_stay_bounded() {
+        let mut s = stack();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut buf = vec![0u8; 2048];
+        for _ in 0..20_000 {
+            let r = rnd();
+            let port = 1000 + (r % 40) as u16;
+            let flags = (r >> 8) as u8;
+            let seq = if r & (1 << 20) != 0 {
+                1001
+            } else {
+                (r >> 24) as u32
+            };
+            let ack = (rnd() >> 3) as u32;
+            let len = (rnd() % 1600) as usize;
+            let mut data = vec![0u8; len];
+            let req = b"GET /latest/meta-data/ HTTP/1.1\r\n\r\n";
+            for (i, d) in data.iter_mut().enumerate() {
+                *d = req.get(i % (req.len() + 3)).copied().unwrap_or(b'A');
+            }
+            let mut f = tcp(port, seq, ack, flags, &data);
+            if r & (1 << 21) != 0 {
+                let at = (rnd() as usize) % f.len();
+                f[at] = rnd() as u8;
+                f.truncate((rnd() as usize) % (f.len() + 1));
+            }
+            s.detour(&f);
+            assert!(s.connections() <= MAX_CONNECTIONS);
+            assert!(s.resets.len() <= MAX_RESETS);
+            assert!(s.buffered() <= MAX_CONNECTIONS * REQ_BUF + OUT_BUDGET + 8192);
+            for _ in 0..8 {
+                let Some(n) = s.write_next_frame(&mut buf) else {
+                    break;
+                };
+                assert!(
+                    n >= ETH_HDR + IP_HDR + TCP_HDR && n <= ETH_HDR + IP_HDR + TCP_HDR + 4 + MSS
+                );
+                assert_eq!(checksum(&[&buf[ETH_HDR..ETH_HDR + IP_HDR]], 0), 0);
+            }
+        }
+        let mut steps = 0;
+        while s.write_next_frame(&mut buf).is_some() {
+            steps += 1;
+            assert!(steps < 1_000_000, "the endpoint never runs dry");
+        }
+    }
+
     #[test]
     fn checksums() {
-        let data = [0x45u8, 0, 0, 0x1c, 0, 0, 0x40, 0, 0x40, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
+        let data = [
+            0x45u8, 0, 0, 0x1c, 0, 0, 0x40, 0, 0x40, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
         let c = checksum(&[&data], 0);
         let mut d = data;
         d[10..12].copy_from_slice(&c.to_be_bytes());

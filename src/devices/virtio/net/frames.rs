@@ -211,7 +211,11 @@ impl Frames {
                     let frame = self.tx_buf.get(..len).unwrap_or_default();
                     let eth = frame.get(VNET_HDR_LEN..).unwrap_or_default();
                     let detoured = self.mmds.as_mut().is_some_and(|m| m.detour(eth));
-                    match if detoured { Ok(()) } else { backend.send(frame) } {
+                    match if detoured {
+                        Ok(())
+                    } else {
+                        backend.send(frame)
+                    } {
                         Ok(()) => {
                             inc(&self.metrics.tx_frames, 1);
                             inc(&self.metrics.tx_bytes, (len - VNET_HDR_LEN) as u64);
@@ -539,6 +543,60 @@ pub(super) mod tests {
         assert_eq!(get(&m.rx_dropped), 1);
         let pass = f.process_rx(&mem, &mut rx.queue, &mut b);
         assert_eq!((pass.used, pass.state), (1, RxState::NoBuffers));
+    }
+
+    /// An ARP request for the MMDS address and a frame for another address: the first
+    /// is answered into the RX queue and never reaches the backend, the second goes out.
+    #[test]
+    fn mmds_frames_are_detoured() {
+        let mem = memory();
+        let mut rx = vq(&mem, 0);
+        let mut tx = vq(&mem, 1);
+        let (mut f, m) = frames();
+        let store = crate::mmds::Mmds::shared(1024);
+        let ip = crate::mmds::stack::DEFAULT_IPV4;
+        f.mmds = Some(crate::mmds::stack::MmdsStack::new(ip, store));
+        let (mut b, peer) = pair();
+        let arp_for = |target: [u8; 4]| {
+            let mut a = vec![0u8; VNET_HDR_LEN];
+            a.extend_from_slice(&[0xff; 6]);
+            a.extend_from_slice(&[2, 0, 0, 0, 0, 1, 8, 6, 0, 1, 8, 0, 6, 4, 0, 1]);
+            a.extend_from_slice(&[2, 0, 0, 0, 0, 1, 169, 254, 1, 2, 0, 0, 0, 0, 0, 0]);
+            a.extend_from_slice(&target);
+            a
+        };
+        let ours = arp_for(ip.octets());
+        let other = arp_for([169, 254, 169, 253]);
+        mem.write_slice(&ours, GuestAddress(buf(0))).unwrap();
+        mem.write_slice(&other, GuestAddress(buf(1))).unwrap();
+        tx.desc(&mem, 0, buf(0), ours.len() as u32, 0, 0);
+        tx.publish(&mem, 0);
+        tx.desc(&mem, 1, buf(1), other.len() as u32, 0, 0);
+        tx.publish(&mem, 1);
+        assert_eq!(f.process_tx(&mem, &mut tx.queue, &mut b), (2, Work::Done));
+        let mut got = vec![0u8; MAX_FRAME_LEN];
+        let n = peer.recv(&mut got).unwrap();
+        assert_eq!(got[..n], other[..]);
+        assert!(
+            peer.recv(&mut got).is_err(),
+            "the MMDS frame reached the backend"
+        );
+        assert!(f.mmds_has_output());
+        rx.post_rx(&mem, 2, 2048);
+        let pass = f.process_rx(&mem, &mut rx.queue, &mut b);
+        assert_eq!((pass.used, pass.state), (1, RxState::Drained));
+        let (_, len) = rx.used(&mem, 0);
+        assert_eq!(len as usize, VNET_HDR_LEN + 42);
+        let reply = read(&mem, buf(2), len as usize);
+        // num_buffers 1, then an ARP reply from the MMDS MAC.
+        assert_eq!(reply[10], 1);
+        assert_eq!(
+            reply[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12],
+            crate::mmds::stack::MMDS_MAC
+        );
+        assert_eq!(reply[VNET_HDR_LEN + 20..VNET_HDR_LEN + 22], [0, 2]);
+        assert!(!f.mmds_has_output());
+        assert_eq!(get(&m.tx_frames), 2);
     }
 
     #[test]
