@@ -116,7 +116,7 @@ impl Mmds {
     }
 
     fn fits(&self, v: &Value) -> bool {
-        serde_json::to_vec(v).map_or(false, |b| b.len() <= self.limit)
+        serde_json::to_vec(v).is_ok_and(|b| b.len() <= self.limit)
     }
 
     /// Replaces the whole store (`PUT /mmds`, `--metadata`).
