@@ -101,6 +101,7 @@ const SECTIONS: &[&str] = &[
     "logger",
     "metrics",
     "vsock",
+    "mmds-config",
 ];
 
 /// Every message names the offending field by its path in the config file
