@@ -7,7 +7,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{
     BootSourceConfig, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, MmdsConfig, NetworkInterfaceConfig, VsockConfig,
+    MetricsConfig, MmdsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +27,8 @@ pub enum Action {
     PutDrive(DriveConfig),
     PatchDrive(DriveUpdate),
     PutNetworkInterface(NetworkInterfaceConfig),
+    /// PATCH /network-interfaces/{id}: rate limiters, after start.
+    PatchNetworkInterface(NetworkInterfaceUpdate),
     PutLogger(LoggerConfig),
     PutMetrics(MetricsConfig),
     /// PUT /vsock

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::action::{Action, ActionError, ActionOk, ActionResult};
 use crate::builder;
 use crate::config::{self, VmConfig};
+use crate::devices::manager::DeviceKind;
 use crate::metrics::{METRICS, timeline_mark};
 use crate::mmds::{self, Mmds, MmdsError, SharedMmds};
 use crate::vcpu::{ExitSignal, VmExit};
@@ -237,7 +238,41 @@ impl Controller {
                 if let Some(path) = &u.path_on_host {
                     vmm.devices.update_drive(&u.drive_id, path).map_err(bad)?;
                 }
+                if u.rate_limiter.is_some() {
+                    let new = drives
+                        .iter()
+                        .find(|d| d.drive_id == u.drive_id)
+                        .map(|d| d.rate_limiter.unwrap_or_default());
+                    vmm.devices
+                        .update_rate_limiters(DeviceKind::VirtioBlock, &u.drive_id, &[new])
+                        .map_err(bad)?;
+                }
                 self.config.drives = drives;
+                Ok(ActionOk::NoContent)
+            }
+            Action::PatchNetworkInterface(u) => {
+                let vmm = self.running()?;
+                let mut ifaces = self.config.network_interfaces.clone();
+                u.apply(&mut ifaces).map_err(bad)?;
+                let iface = ifaces.iter().find(|i| i.iface_id == u.iface_id);
+                // Only the limiters the request names change (and start full).
+                let pick = |asked: bool, cfg: Option<config::RateLimiterConfig>| {
+                    asked.then(|| cfg.unwrap_or_default())
+                };
+                let new = [
+                    pick(
+                        u.rx_rate_limiter.is_some(),
+                        iface.and_then(|i| i.rx_rate_limiter),
+                    ),
+                    pick(
+                        u.tx_rate_limiter.is_some(),
+                        iface.and_then(|i| i.tx_rate_limiter),
+                    ),
+                ];
+                vmm.devices
+                    .update_rate_limiters(DeviceKind::VirtioNet, &u.iface_id, &new)
+                    .map_err(bad)?;
+                self.config.network_interfaces = ifaces;
                 Ok(ActionOk::NoContent)
             }
             Action::PutNetworkInterface(n) => {

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use crate::action::{Action, ActionError};
 use crate::config::{
     BootSourceConfig, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, MmdsConfig, NetworkInterfaceConfig, VsockConfig,
+    MetricsConfig, MmdsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
 };
 
 /// Path segments captured by `{name}` in a template, in order.
@@ -37,6 +37,7 @@ pub const ROUTES: &[Route] = &[
     r("PUT", "/drives/{drive_id}", put_drive),
     r("PATCH", "/drives/{drive_id}", patch_drive),
     r("PUT", "/network-interfaces/{iface_id}", put_net),
+    r("PATCH", "/network-interfaces/{iface_id}", patch_net),
     r("PUT", "/logger", put_logger),
     r("PUT", "/metrics", put_metrics),
     r("PUT", "/vsock", put_vsock),
@@ -96,12 +97,6 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Action, ActionErro
     {
         return Err(ActionError::bad_request(format!(
             "{method} {path}: ember does not support {feature}."
-        )));
-    }
-    if method == "PATCH" && segments.first() == Some(&"network-interfaces") {
-        return Err(ActionError::bad_request(format!(
-            "PATCH {path}: ember does not support rate limiters, the only thing this \
-             request can update."
         )));
     }
     let mut message = format!("Invalid request method and/or path: {method} {path}.");
@@ -223,6 +218,15 @@ fn put_net(params: &Params, body: &[u8]) -> Result<Action, ActionError> {
         return Err(id_mismatch(id, &iface.iface_id));
     }
     Ok(Action::PutNetworkInterface(iface))
+}
+
+fn patch_net(params: &Params, body: &[u8]) -> Result<Action, ActionError> {
+    let id = checked_id(params)?;
+    let update: NetworkInterfaceUpdate = parse(body)?;
+    if update.iface_id != id {
+        return Err(id_mismatch(id, &update.iface_id));
+    }
+    Ok(Action::PatchNetworkInterface(update))
 }
 
 fn put_logger(_: &Params, body: &[u8]) -> Result<Action, ActionError> {
@@ -424,7 +428,13 @@ mod tests {
         assert!(matches!(ok("PUT", "/network-interfaces/eth0", body),
                          Action::PutNetworkInterface(n) if n.iface_id == "eth0"));
         assert!(err("PUT", "/network-interfaces/eth1", body).contains("[eth1]"));
-        assert!(err("PATCH", "/network-interfaces/eth0", body).contains("rate limiters"));
+        // PATCH takes rate limiters only; the TAP is not among them.
+        assert!(err("PATCH", "/network-interfaces/eth0", body).contains("unknown field"));
+        let upd =
+            r#"{"iface_id": "eth0", "rx_rate_limiter": {"ops": {"size": 10, "refill_time": 100}}}"#;
+        assert!(matches!(ok("PATCH", "/network-interfaces/eth0", upd),
+                         Action::PatchNetworkInterface(u) if u.rx_rate_limiter.is_some()));
+        assert!(err("PATCH", "/network-interfaces/eth1", upd).contains("[eth1]"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::rate_limiter::{RateLimiterConfig, RateLimiterError};
 use super::unsupported::UnsupportedValue;
 use super::{id_problem, path_problem};
 
@@ -43,8 +44,8 @@ pub struct DriveConfig {
     /// message of ours that mentions `socket`, rather than serde's.
     #[serde(default)]
     pub path_on_host: String,
-    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
-    pub rate_limiter: UnsupportedValue,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<IoEngine>,
     #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
@@ -66,6 +67,8 @@ pub enum DriveError {
     Partuuid(String),
     #[error("{0} is not supported by ember; leave it out or set it to null")]
     Unsupported(&'static str),
+    #[error(transparent)]
+    RateLimiter(#[from] RateLimiterError),
     #[error("drive_id `{0}` is used by more than one drive")]
     DuplicateId(String),
     #[error("is_root_device: drive `{existing}` is already the root device; only one drive can be")]
@@ -98,8 +101,8 @@ impl DriveConfig {
         {
             return Err(DriveError::Partuuid(u.clone()));
         }
-        if !self.rate_limiter.is_unset() {
-            return Err(DriveError::Unsupported("rate_limiter"));
+        if let Some(rl) = &self.rate_limiter {
+            rl.validate("rate_limiter")?;
         }
         Ok(())
     }
@@ -144,15 +147,16 @@ pub fn validate_drives(drives: &[DriveConfig]) -> Result<(), (usize, DriveError)
     Ok(())
 }
 
-/// Body of `PATCH /drives/{id}`: a new backing file for an existing drive.
+/// Body of `PATCH /drives/{id}`: a new backing file for an existing drive, and/or new
+/// rate-limiter buckets (a bucket left out stays as it is; one with size 0 is removed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveUpdate {
     pub drive_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_on_host: Option<String>,
-    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
-    pub rate_limiter: UnsupportedValue,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl DriveUpdate {
@@ -166,8 +170,8 @@ impl DriveUpdate {
         if let Some(p) = self.path_on_host.as_deref().and_then(path_problem) {
             return Err(DriveError::PathOnHost(p));
         }
-        if !self.rate_limiter.is_unset() {
-            return Err(DriveError::Unsupported("rate_limiter"));
+        if let Some(rl) = &self.rate_limiter {
+            rl.validate("rate_limiter")?;
         }
         Ok(())
     }
@@ -181,6 +185,10 @@ impl DriveUpdate {
             .ok_or_else(|| DriveError::NotFound(self.drive_id.clone()))?;
         if let Some(p) = &self.path_on_host {
             drive.path_on_host.clone_from(p);
+        }
+        if let Some(u) = &self.rate_limiter {
+            let new = drive.rate_limiter.unwrap_or_default().updated(u);
+            drive.rate_limiter = new.is_active().then_some(new);
         }
         Ok(())
     }
@@ -255,9 +263,9 @@ mod tests {
             ),
             (
                 format!(
-                    r#"{{"drive_id": "a", {base}, "rate_limiter": {{"ops": {{"size": 1, "refill_time": 1}}}}}}"#
+                    r#"{{"drive_id": "a", {base}, "rate_limiter": {{"ops": {{"size": 1, "refill_time": 1e30}}}}}}"#
                 ),
-                "rate_limiter is not supported",
+                "invalid type: floating point",
             ),
             (
                 format!(r#"{{"drive_id": "a", {base}, "socket": "/s"}}"#),

@@ -11,6 +11,7 @@ pub mod machine_config;
 pub mod metrics;
 pub mod mmds;
 pub mod net;
+pub mod rate_limiter;
 pub mod unsupported;
 pub mod vsock;
 
@@ -24,6 +25,7 @@ pub use machine_config::{MachineConfig, MachineConfigError, MachineConfigUpdate}
 pub use metrics::{MetricsConfig, MetricsConfigError};
 pub use mmds::{MmdsConfig, MmdsConfigError, MmdsVersion};
 pub use net::{MacAddr, NetError, NetworkInterfaceConfig, NetworkInterfaceUpdate};
+pub use rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 pub use unsupported::{UnsupportedError, UnsupportedValue};
 pub use vsock::{VsockConfig, VsockConfigError};
 

@@ -7,6 +7,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::id_problem;
+use super::rate_limiter::{RateLimiterConfig, RateLimiterError};
 use super::unsupported::UnsupportedValue;
 
 /// Linux's IFNAMSIZ counts the terminating NUL.
@@ -83,10 +84,10 @@ pub struct NetworkInterfaceConfig {
     /// offers none and leaves the guest to pick a random one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<MacAddr>,
-    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
-    pub rx_rate_limiter: UnsupportedValue,
-    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
-    pub tx_rate_limiter: UnsupportedValue,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
     /// Newer Firecracker (VIRTIO_NET_F_MTU); refused until the device offers it.
     #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
     pub mtu: UnsupportedValue,
@@ -107,6 +108,8 @@ pub enum NetError {
     ZeroMac,
     #[error("{0} is not supported by ember; leave it out or set it to null")]
     Unsupported(&'static str),
+    #[error(transparent)]
+    RateLimiter(#[from] RateLimiterError),
     #[error("iface_id `{0}` is used by more than one network interface")]
     DuplicateId(String),
     #[error("host_dev_name `{name}` is already used by network interface `{other}`")]
@@ -150,15 +153,10 @@ impl NetworkInterfaceConfig {
                 return Err(NetError::ZeroMac);
             }
         }
-        for (field, value) in [
-            ("rx_rate_limiter", &self.rx_rate_limiter),
-            ("tx_rate_limiter", &self.tx_rate_limiter),
-            ("mtu", &self.mtu),
-        ] {
-            if !value.is_unset() {
-                return Err(NetError::Unsupported(field));
-            }
+        if !self.mtu.is_unset() {
+            return Err(NetError::Unsupported("mtu"));
         }
+        check_limiters(&self.rx_rate_limiter, &self.tx_rate_limiter)?;
         Ok(())
     }
 
@@ -220,16 +218,29 @@ pub fn validate_network_interfaces(
     Ok(())
 }
 
-/// Body of `PATCH /network-interfaces/{id}`: Firecracker only updates rate limiters, which
-/// ember does not have, so only a body that changes nothing is accepted.
+fn check_limiters(
+    rx: &Option<RateLimiterConfig>,
+    tx: &Option<RateLimiterConfig>,
+) -> Result<(), NetError> {
+    if let Some(rl) = rx {
+        rl.validate("rx_rate_limiter")?;
+    }
+    if let Some(rl) = tx {
+        rl.validate("tx_rate_limiter")?;
+    }
+    Ok(())
+}
+
+/// Body of `PATCH /network-interfaces/{id}` (after start, as in Firecracker): new
+/// rate-limiter buckets; a bucket left out stays as it is, one with size 0 is removed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkInterfaceUpdate {
     pub iface_id: String,
-    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
-    pub rx_rate_limiter: UnsupportedValue,
-    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
-    pub tx_rate_limiter: UnsupportedValue,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl NetworkInterfaceUpdate {
@@ -240,11 +251,24 @@ impl NetworkInterfaceUpdate {
                 problem,
             });
         }
-        if !self.rx_rate_limiter.is_unset() {
-            return Err(NetError::Unsupported("rx_rate_limiter"));
-        }
-        if !self.tx_rate_limiter.is_unset() {
-            return Err(NetError::Unsupported("tx_rate_limiter"));
+        check_limiters(&self.rx_rate_limiter, &self.tx_rate_limiter)
+    }
+
+    /// Applies the update to the interface with the same id in `ifaces`.
+    pub fn apply(&self, ifaces: &mut [NetworkInterfaceConfig]) -> Result<(), NetError> {
+        self.validate()?;
+        let iface = ifaces
+            .iter_mut()
+            .find(|i| i.iface_id == self.iface_id)
+            .ok_or_else(|| NetError::NotFound(self.iface_id.clone()))?;
+        for (update, slot) in [
+            (&self.rx_rate_limiter, &mut iface.rx_rate_limiter),
+            (&self.tx_rate_limiter, &mut iface.tx_rate_limiter),
+        ] {
+            if let Some(u) = update {
+                let new = slot.unwrap_or_default().updated(u);
+                *slot = new.is_active().then_some(new);
+            }
         }
         Ok(())
     }
@@ -342,12 +366,12 @@ mod tests {
                 "invalid MAC address `xx`",
             ),
             (
-                r#"{"iface_id": "e", "host_dev_name": "tap0", "rx_rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}"#,
-                "rx_rate_limiter is not supported",
+                r#"{"iface_id": "e", "host_dev_name": "tap0", "rx_rate_limiter": {"bandwidth": {"size": 1}}}"#,
+                "missing field `refill_time`",
             ),
             (
-                r#"{"iface_id": "e", "host_dev_name": "tap0", "tx_rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}"#,
-                "tx_rate_limiter is not supported",
+                r#"{"iface_id": "e", "host_dev_name": "tap0", "tx_rate_limiter": {"ops": {"size": 1, "refill_time": 18446744073709551615}}}"#,
+                "tx_rate_limiter.ops.refill_time",
             ),
             (
                 r#"{"iface_id": "e", "host_dev_name": "tap0", "mtu": 9000}"#,
@@ -405,14 +429,29 @@ mod tests {
 
     #[test]
     fn update() {
+        let mut list = vec![iface("a", "tap0", None)];
         let u: NetworkInterfaceUpdate =
             serde_json::from_str(r#"{"iface_id": "a", "rx_rate_limiter": null}"#).unwrap();
-        assert!(u.validate().is_ok());
+        u.apply(&mut list).unwrap();
+        assert_eq!(list[0].rx_rate_limiter, None);
         let u: NetworkInterfaceUpdate = serde_json::from_str(
             r#"{"iface_id": "a", "tx_rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}"#,
         )
         .unwrap();
-        assert_eq!(u.validate(), Err(NetError::Unsupported("tx_rate_limiter")));
+        u.apply(&mut list).unwrap();
+        assert_eq!(
+            list[0].tx_rate_limiter.and_then(|r| r.ops).map(|b| b.size),
+            Some(1)
+        );
+        let u: NetworkInterfaceUpdate = serde_json::from_str(
+            r#"{"iface_id": "a", "tx_rate_limiter": {"ops": {"size": 0, "refill_time": 0}}}"#,
+        )
+        .unwrap();
+        u.apply(&mut list).unwrap();
+        assert_eq!(list[0].tx_rate_limiter, None);
+        let u: NetworkInterfaceUpdate =
+            serde_json::from_str(r#"{"iface_id": "zz", "rx_rate_limiter": {}}"#).unwrap();
+        assert_eq!(u.apply(&mut list), Err(NetError::NotFound("zz".into())));
     }
 
     #[test]

@@ -399,6 +399,26 @@ impl DeviceManager {
             .update_backing(path)
     }
 
+    /// Replaces the rate limiters of virtio device `id` of `kind` (see
+    /// `VirtioDevice::update_rate_limiters`).
+    pub fn update_rate_limiters(
+        &self,
+        kind: DeviceKind,
+        id: &str,
+        update: &[Option<crate::config::RateLimiterConfig>],
+    ) -> Result<(), String> {
+        let slot = self
+            .virtio
+            .iter()
+            .find(|v| v.kind == kind && v.id == id)
+            .ok_or_else(|| format!("no {} `{id}`", kind.as_str()))?;
+        slot.transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .update_rate_limiters(update);
+        Ok(())
+    }
+
     /// Presses Ctrl-Alt-Del on the i8042 keyboard. False if the guest has not read earlier
     /// keys (or there is no keyboard).
     pub fn send_ctrl_alt_del(&self) -> bool {

@@ -5,5 +5,6 @@ pub mod bus;
 pub mod i8042;
 pub mod ioapic;
 pub mod manager;
+pub mod rate_limiter;
 pub mod serial;
 pub mod virtio;

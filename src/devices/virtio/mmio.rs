@@ -226,6 +226,11 @@ impl MmioTransport {
         Ok(())
     }
 
+    /// Replaces the device's rate limiters (see `VirtioDevice::update_rate_limiters`).
+    pub fn update_rate_limiters(&mut self, update: &[Option<crate::config::RateLimiterConfig>]) {
+        self.device.update_rate_limiters(update);
+    }
+
     /// Whether the device may serve its queues: running, and neither failed nor broken.
     fn serving(&self) -> bool {
         self.activated && self.status & VIRTIO_CONFIG_S_FAILED == 0 && !self.needs_reset
@@ -251,12 +256,17 @@ impl MmioTransport {
         match work {
             Work::Done => {}
             // Work left after a capped drain: come back to it after other events.
+            // A device event (a rate limiter's timer) that left queue work re-kicks
+            // every queue: the device's kick handler knows which have work.
             Work::More => {
-                if let Some(Err(e)) = queue
-                    .and_then(|i| self.queue_evts.get(i))
-                    .map(|e| e.write(1))
-                {
-                    log::error!("cannot re-kick a virtio queue: {e}");
+                let evts = match queue {
+                    Some(i) => self.queue_evts.get(i..=i).unwrap_or_default(),
+                    None => &self.queue_evts[..],
+                };
+                for e in evts {
+                    if let Err(e) = e.write(1) {
+                        log::error!("cannot re-kick a virtio queue: {e}");
+                    }
                 }
             }
             Work::Broken => self.set_needs_reset(),

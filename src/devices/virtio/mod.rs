@@ -188,6 +188,10 @@ pub trait VirtioDevice: Send {
     fn update_backing(&mut self, _path: &str) -> Result<bool, String> {
         Err("this device has no backing file".into())
     }
+    /// Replaces the device's rate limiters (PATCH after start), in the device's order
+    /// (block: the drive's; net: RX, then TX). `None` leaves that limiter alone; a config
+    /// is the limiter's whole new state (its buckets start full).
+    fn update_rate_limiters(&mut self, _update: &[Option<crate::config::RateLimiterConfig>]) {}
 }
 
 /// For host-side failures a guest can make recur on every request (a disk that fails

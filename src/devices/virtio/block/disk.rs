@@ -18,10 +18,11 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::{Address, Bytes, GuestMemory as _, Permissions};
 
 use crate::config::drive::{CacheType, DriveConfig};
+use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::queue::{self, Work};
 use crate::devices::virtio::{LogOnce, VirtioError};
 use crate::vm::memory::GuestMemory;
@@ -53,6 +54,8 @@ pub struct Disk {
     pub(super) metrics: Arc<BlockMetrics>,
     /// Host I/O failures recur on every request the guest repeats: logged loudly once.
     io_log: LogOnce,
+    /// The drive's `rate_limiter` (None only for disks built without a device, in tests).
+    pub(super) limiter: Option<RateLimiter>,
 }
 
 /// Per-drive counters, in the metrics output as `block_<drive_id>` (Firecracker's name).
@@ -68,6 +71,8 @@ pub struct BlockMetrics {
     /// Chains returned unanswered: no writable status byte, a loop, more descriptors
     /// than the queue holds.
     pub invalid_chains: AtomicU64,
+    /// Times the rate limiter held a request back (Firecracker's name).
+    pub rate_limiter_throttled_events: AtomicU64,
 }
 
 impl BlockMetrics {
@@ -81,6 +86,7 @@ impl BlockMetrics {
             "flush_count": g(&self.flush_count),
             "failed_requests": g(&self.failed_requests),
             "invalid_chains": g(&self.invalid_chains),
+            "rate_limiter_throttled_events": g(&self.rate_limiter_throttled_events),
         })
     }
 
@@ -128,6 +134,28 @@ const IOERR: Outcome = Outcome {
     status: VIRTIO_BLK_S_IOERR as u8,
     written: 0,
 };
+
+/// The data bytes a request moves, for the rate limiter's bandwidth bucket: the data
+/// buffers of a read or write (Firecracker charges those only); 0 for other requests and
+/// for chains too broken to parse, which fail without touching the disk.
+fn request_bytes(mem: &GuestMemory, chain: &DescriptorChain<&GuestMemory>) -> u64 {
+    let Ok(mut reader) = chain.clone().reader(mem) else {
+        return 0;
+    };
+    let readable = reader.available_bytes();
+    let mut t = [0u8; 4];
+    if reader.read_exact(&mut t).is_err() {
+        return 0;
+    }
+    match u32::from_le_bytes(t) {
+        VIRTIO_BLK_T_IN => chain
+            .clone()
+            .writer(mem)
+            .map_or(0, |w| w.available_bytes().saturating_sub(1) as u64),
+        VIRTIO_BLK_T_OUT => readable.saturating_sub(HEADER_LEN as usize) as u64,
+        _ => 0,
+    }
+}
 
 /// Opens a drive's file (read-only drives with O_RDONLY, so not even a bug here can write
 /// to them) and returns it with its size in whole sectors.
@@ -202,6 +230,7 @@ impl Disk {
             buf: Vec::new(),
             metrics: Arc::default(),
             io_log: LogOnce::default(),
+            limiter: None,
         }
     }
 
@@ -249,6 +278,17 @@ impl Disk {
                 Ok(None) => return (done, Work::Done),
                 Err(queue::BrokenRing) => return (done, Work::Broken),
             };
+            if let Some(limiter) = self.limiter.as_mut().filter(|l| l.is_active())
+                && !limiter.consume_request(request_bytes(mem, &chain))
+            {
+                // The request stays on the ring; the limiter's timer brings the device
+                // back to it (`Block::process_event`).
+                queue.go_to_previous_position();
+                self.metrics
+                    .rate_limiter_throttled_events
+                    .fetch_add(1, Ordering::Relaxed);
+                return (done, Work::Done);
+            }
             let head = chain.head_index();
             let written = self.handle_chain(mem, chain, usize::from(queue.size()));
             if let Err(e) = queue.add_used(mem, head, written) {
@@ -261,6 +301,11 @@ impl Disk {
         }
         // The cap was reached: tell the caller whether the driver left more behind.
         (done, queue::left(queue, mem))
+    }
+
+    /// Whether the rate limiter holds requests back until its timer fires.
+    pub fn is_throttled(&self) -> bool {
+        self.limiter.as_ref().is_some_and(|l| l.is_blocked())
     }
 
     /// Runs one request; returns the bytes written into the chain (for the used entry).

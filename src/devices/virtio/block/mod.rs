@@ -3,6 +3,7 @@
 
 mod disk;
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -12,7 +13,12 @@ pub use disk::{BlockMetrics, CONFIG_LEN, Disk, QUEUE_SIZE, SECTOR_SHIFT, SECTOR_
 
 use super::{ActivateError, Interest, VirtioDevice, VirtioError, VirtioInterrupt, Work};
 use crate::config::drive::DriveConfig;
+use crate::config::rate_limiter::RateLimiterConfig;
+use crate::devices::rate_limiter::RateLimiter;
 use crate::vm::memory::GuestMemory;
+
+/// Event source: the rate limiter's timer.
+const SOURCE_LIMITER: u16 = 0;
 
 struct Active {
     mem: GuestMemory,
@@ -29,7 +35,11 @@ pub struct Block {
 
 impl Block {
     pub fn new(drive: &DriveConfig) -> Result<Block, VirtioError> {
-        let disk = Disk::open(drive)?;
+        let mut disk = Disk::open(drive)?;
+        // Every drive has a limiter (and its timerfd) from the start, so PATCH can switch
+        // one on at run time without new file descriptors or event-loop changes.
+        disk.limiter =
+            Some(RateLimiter::new(drive.rate_limiter.as_ref()).map_err(VirtioError::EventFd)?);
         let metrics = disk.metrics.clone();
         let key = format!("block_{}", drive.drive_id);
         crate::metrics::register_section(Box::new(move || (key.clone(), metrics.json())));
@@ -109,6 +119,32 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn event_sources(&self) -> Vec<(RawFd, u16)> {
+        self.disk
+            .limiter
+            .as_ref()
+            .map(|l| vec![(l.fd(), SOURCE_LIMITER)])
+            .unwrap_or_default()
+    }
+
+    /// The rate limiter's timer fired: serve what it held back.
+    fn process_event(&mut self, source: u16, interest: &mut dyn Interest) -> Work {
+        if source != SOURCE_LIMITER {
+            return Work::Done;
+        }
+        let fired = self.disk.limiter.as_mut().is_some_and(|l| l.timer_fired());
+        if !fired {
+            return Work::Done;
+        }
+        self.process_queue(0, interest)
+    }
+
+    fn update_rate_limiters(&mut self, update: &[Option<RateLimiterConfig>]) {
+        if let (Some(Some(cfg)), Some(l)) = (update.first(), self.disk.limiter.as_mut()) {
+            l.set(cfg);
+        }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {

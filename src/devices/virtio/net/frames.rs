@@ -6,10 +6,11 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 
 use super::tap::{NetBackend, VNET_HDR_LEN};
 use super::{MAX_FRAME_LEN, NUM_BUFFERS_OFFSET, NetMetrics};
+use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::queue::{self, Work};
 use crate::mmds::stack::MmdsStack;
 use crate::vm::memory::GuestMemory;
@@ -32,6 +33,8 @@ pub enum RxState {
     Broken,
     /// The driver broke the RX ring (see `queue::BrokenRing`): the device needs a reset.
     BrokenRing,
+    /// The RX rate limiter holds the waiting frame back until its timer fires.
+    Throttled,
 }
 
 /// The result of one RX pass: used entries added, and why it stopped.
@@ -53,6 +56,17 @@ pub struct Frames {
     /// The metadata service's endpoint on this interface (`mmds-config`): frames for its
     /// address go there instead of the TAP, and its frames come before the TAP's.
     pub mmds: Option<MmdsStack>,
+    /// `rx_rate_limiter` and `tx_rate_limiter`; None only without a device (tests).
+    pub rx_limiter: Option<RateLimiter>,
+    pub tx_limiter: Option<RateLimiter>,
+}
+
+/// Takes a frame's tokens from `limiter` (none: no limit).
+fn admit(limiter: &mut Option<RateLimiter>, bytes: usize) -> bool {
+    match limiter.as_mut().filter(|l| l.is_active()) {
+        Some(l) => l.consume_request(bytes as u64),
+        None => true,
+    }
 }
 
 impl Frames {
@@ -65,7 +79,14 @@ impl Frames {
             tx_buf: vec![0; MAX_FRAME_LEN],
             metrics,
             mmds: None,
+            rx_limiter: None,
+            tx_limiter: None,
         }
+    }
+
+    /// Whether the TX limiter holds frames back until its timer fires.
+    pub fn tx_throttled(&self) -> bool {
+        self.tx_limiter.as_ref().is_some_and(|l| l.is_blocked())
     }
 
     /// Whether a frame read from the backend waits for a guest buffer.
@@ -157,6 +178,16 @@ impl Frames {
                     };
                 }
             };
+            // Charged only once a buffer is there, so a frame waiting for buffers is not
+            // charged twice; a refused frame stays pending and its chain on the ring.
+            if !admit(&mut self.rx_limiter, len) {
+                queue.go_to_previous_position();
+                inc(&self.metrics.rx_rate_limiter_throttled, 1);
+                return RxPass {
+                    used,
+                    state: RxState::Throttled,
+                };
+            }
             self.rx_pending = None;
             // Without VIRTIO_NET_F_MRG_RXBUF a frame always takes exactly one buffer; the
             // TAP leaves this field of the header alone.
@@ -205,6 +236,14 @@ impl Frames {
                 Ok(None) => return (used, Work::Done),
                 Err(queue::BrokenRing) => return (used, Work::Broken),
             };
+            // The frame's length (header included, as Firecracker charges it) before any
+            // copy: a refused chain stays on the ring for the limiter's timer.
+            let bytes = chain.clone().reader(mem).map_or(0, |r| r.available_bytes());
+            if !admit(&mut self.tx_limiter, bytes) {
+                queue.go_to_previous_position();
+                inc(&self.metrics.tx_rate_limiter_throttled, 1);
+                return (used, Work::Done);
+            }
             let head = chain.head_index();
             match gather_chain(mem, chain, &mut self.tx_buf, usize::from(queue.size())) {
                 Ok(len) => {

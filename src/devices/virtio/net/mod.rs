@@ -40,6 +40,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::{ActivateError, Interest, LogOnce, VirtioDevice, VirtioError, VirtioInterrupt, Work};
 use crate::config::net::{MacAddr, NetworkInterfaceConfig};
 use crate::mmds::stack::MmdsStack;
+use crate::devices::rate_limiter::RateLimiter;
 use crate::vm::memory::GuestMemory;
 pub use frames::{Frames, RxPass, RxState};
 use tap::{NetBackend, Tap};
@@ -60,6 +61,9 @@ const NUM_BUFFERS_OFFSET: usize = 10;
 /// can proceed).
 const SOURCE_WAKE: u16 = 0;
 const SOURCE_TAP: u16 = 1;
+/// The rate limiters' timers.
+const SOURCE_RX_LIMITER: u16 = 2;
+const SOURCE_TX_LIMITER: u16 = 3;
 
 const fn bit(b: u32) -> u64 {
     1 << b
@@ -137,6 +141,9 @@ pub struct NetMetrics {
     pub tx_malformed: AtomicU64,
     /// Frames the TAP refused.
     pub tx_tap_errors: AtomicU64,
+    /// Times a rate limiter held a frame back (Firecracker's names).
+    pub rx_rate_limiter_throttled: AtomicU64,
+    pub tx_rate_limiter_throttled: AtomicU64,
 }
 
 impl NetMetrics {
@@ -151,6 +158,8 @@ impl NetMetrics {
             "tx_bytes": g(&self.tx_bytes),
             "tx_malformed": g(&self.tx_malformed),
             "tx_tap_errors": g(&self.tx_tap_errors),
+            "rx_rate_limiter_throttled": g(&self.rx_rate_limiter_throttled),
+            "tx_rate_limiter_throttled": g(&self.tx_rate_limiter_throttled),
         })
     }
 
@@ -200,7 +209,10 @@ impl Net<Tap> {
             source,
         })?;
         let mac = iface.guest_mac.unwrap_or_else(random_mac);
-        Net::new(&iface.iface_id, tap, mac, metrics).map_err(VirtioError::NetEventFd)
+        let mut net =
+            Net::new(&iface.iface_id, tap, mac, metrics).map_err(VirtioError::NetEventFd)?;
+        net.update_rate_limiters(&[iface.rx_rate_limiter, iface.tx_rate_limiter]);
+        Ok(net)
     }
 }
 
@@ -210,10 +222,15 @@ impl<B: NetBackend> Net<B> {
         config[..6].copy_from_slice(&mac.0);
         config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         let wake = EventFd::new(EFD_NONBLOCK)?;
+        // Both limiters (and their timerfds) exist from the start, so PATCH can switch
+        // one on at run time without new file descriptors or event-loop changes.
+        let mut frames = Frames::new(id, metrics);
+        frames.rx_limiter = Some(RateLimiter::new(None)?);
+        frames.tx_limiter = Some(RateLimiter::new(None)?);
         Ok(Net {
             id: id.to_string(),
             backend,
-            frames: Frames::new(id, metrics),
+            frames,
             config,
             watching: false,
             wake,
@@ -295,7 +312,8 @@ impl<B: NetBackend> Net<B> {
                 self.rx_broken = false;
                 self.watch(true, interest);
             }
-            RxState::NoBuffers => self.watch(false, interest),
+            // Until the guest posts buffers, or the limiter's timer fires.
+            RxState::NoBuffers | RxState::Throttled => self.watch(false, interest),
             RxState::BrokenRing => {
                 self.watch(false, interest);
                 return Work::Broken;
@@ -432,10 +450,47 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
     }
 
     fn event_sources(&self) -> Vec<(RawFd, u16)> {
-        vec![(self.wake.as_raw_fd(), SOURCE_WAKE)]
+        let mut v = vec![(self.wake.as_raw_fd(), SOURCE_WAKE)];
+        if let Some(l) = &self.frames.rx_limiter {
+            v.push((l.fd(), SOURCE_RX_LIMITER));
+        }
+        if let Some(l) = &self.frames.tx_limiter {
+            v.push((l.fd(), SOURCE_TX_LIMITER));
+        }
+        v
+    }
+
+    fn update_rate_limiters(&mut self, update: &[Option<crate::config::RateLimiterConfig>]) {
+        let mut it = update.iter();
+        for limiter in [&mut self.frames.rx_limiter, &mut self.frames.tx_limiter] {
+            if let (Some(Some(cfg)), Some(l)) = (it.next(), limiter.as_mut()) {
+                l.set(cfg);
+            }
+        }
     }
 
     fn process_event(&mut self, source: u16, interest: &mut dyn Interest) -> Work {
+        match source {
+            SOURCE_TX_LIMITER => {
+                let fired = self
+                    .frames
+                    .tx_limiter
+                    .as_mut()
+                    .is_some_and(|l| l.timer_fired());
+                return if fired { self.run_tx() } else { Work::Done };
+            }
+            SOURCE_RX_LIMITER => {
+                let fired = self
+                    .frames
+                    .rx_limiter
+                    .as_mut()
+                    .is_some_and(|l| l.timer_fired());
+                if !fired {
+                    return Work::Done;
+                }
+            }
+            _ => {}
+        }
         if source == SOURCE_WAKE && self.wake_pending {
             self.wake_pending = false;
             let _ = self.wake.read();
