@@ -181,6 +181,9 @@ fn body_definitions_match_the_config_types() {
     check_definition::<DriveConfig>(&defs, "Drive");
     check_definition::<DriveUpdate>(&defs, "PartialDrive");
     check_definition::<NetworkInterfaceConfig>(&defs, "NetworkInterface");
+    check_definition::<NetworkInterfaceUpdate>(&defs, "PartialNetworkInterface");
+    check_definition::<RateLimiterConfig>(&defs, "RateLimiter");
+    check_definition::<TokenBucketConfig>(&defs, "TokenBucket");
     check_definition::<LoggerConfig>(&defs, "Logger");
     check_definition::<MetricsConfig>(&defs, "Metrics");
     check_definition::<VsockConfig>(&defs, "Vsock");
