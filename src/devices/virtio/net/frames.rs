@@ -52,7 +52,7 @@ pub struct Frames {
     rx_pending: Option<usize>,
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
-    metrics: Arc<NetMetrics>,
+    pub(super) metrics: Arc<NetMetrics>,
     /// The metadata service's endpoint on this interface (`mmds-config`): frames for its
     /// address go there instead of the TAP, and its frames come before the TAP's.
     pub mmds: Option<MmdsStack>,
