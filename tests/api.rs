@@ -592,6 +592,71 @@ fn patch_drive_swaps_the_backing_file_after_start() {
     assert!(cfg.contains(b.to_str().unwrap()), "{cfg}");
 }
 
+/// Rate limiters through the API: set with the drive, replaced on the running VM by
+/// PATCH (a bucket left out stays, one of size 0 goes), reported by GET /vm/config.
+#[test]
+fn patch_rate_limiters_after_start() {
+    let dir = TempDir::new("patchrl");
+    let a = dir.path("a.img");
+    std::fs::write(&a, vec![0u8; 1 << 20]).unwrap();
+    let e = Ember::start(&[]);
+    let s = &e.sock;
+    e.ok(
+        "PUT",
+        "/drives/data",
+        &format!(
+            r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false,
+                 "rate_limiter": {{"ops": {{"size": 100, "refill_time": 1000}}}}}}"#,
+            a.display()
+        ),
+    );
+    let bw = r#"{"drive_id": "data", "rate_limiter": {"bandwidth": {"size": 4096, "one_time_burst": 8192, "refill_time": 10}}}"#;
+    assert_fault(
+        curl(s, "PATCH", "/drives/data", Some(bw)),
+        400,
+        "before starting",
+    );
+    let upd = r#"{"iface_id": "eth0", "rx_rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}"#;
+    assert_fault(
+        curl(s, "PATCH", "/network-interfaces/eth0", Some(upd)),
+        400,
+        "before starting",
+    );
+    e.ok("PUT", "/boot-source", &boot_source("ember_test=counter"));
+    e.action("InstanceStart");
+    e.ok("PATCH", "/drives/data", bw);
+    let (_, cfg) = curl(s, "GET", "/vm/config", None);
+    let v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    let rl = &v["drives"][0]["rate_limiter"];
+    assert_eq!(rl["ops"]["size"], 100, "{cfg}");
+    assert_eq!(rl["bandwidth"]["one_time_burst"], 8192, "{cfg}");
+    e.ok(
+        "PATCH",
+        "/drives/data",
+        r#"{"drive_id": "data", "rate_limiter": {"ops": {"size": 0, "refill_time": 0}}}"#,
+    );
+    let (_, cfg) = curl(s, "GET", "/vm/config", None);
+    let v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    let rl = &v["drives"][0]["rate_limiter"];
+    assert!(rl["ops"].is_null(), "{cfg}");
+    assert_eq!(rl["bandwidth"]["size"], 4096, "{cfg}");
+    assert_fault(
+        curl(s, "PATCH", "/network-interfaces/eth0", Some(upd)),
+        400,
+        "eth0",
+    );
+    assert_fault(
+        curl(
+            s,
+            "PATCH",
+            "/drives/data",
+            Some(r#"{"drive_id": "data", "rate_limiter": {"ops": {"size": 1}}}"#),
+        ),
+        400,
+        "refill_time",
+    );
+}
+
 /// A guest that ends at once (here: a triple fault right after hello) still lets the
 /// client that started it see its 204 before ember exits.
 #[test]
