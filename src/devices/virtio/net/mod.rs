@@ -39,8 +39,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{ActivateError, Interest, LogOnce, VirtioDevice, VirtioError, VirtioInterrupt, Work};
 use crate::config::net::{MacAddr, NetworkInterfaceConfig};
-use crate::mmds::stack::MmdsStack;
 use crate::devices::rate_limiter::RateLimiter;
+use crate::mmds::stack::MmdsStack;
 use crate::vm::memory::GuestMemory;
 pub use frames::{Frames, RxPass, RxState};
 use tap::{NetBackend, Tap};
