@@ -246,9 +246,9 @@ impl MmioTransport {
     }
 
     /// Runs device event source `source` (a TAP, a wake eventfd).
-    pub fn process_event(&mut self, source: u16, interest: &mut dyn Interest) {
+    pub fn process_event(&mut self, source: u16, events: EventSet, interest: &mut dyn Interest) {
         // A reset or failed device still hears its sources, so it can drop its interest.
-        let work = self.device.process_event(source, interest);
+        let work = self.device.process_event(source, events, interest);
         self.after(work, None);
     }
 
@@ -663,14 +663,21 @@ fn loop_error(e: event_manager::Error) -> std::io::Error {
 }
 
 impl Interest for LoopInterest<'_, '_> {
-    fn watch(&mut self, fd: RawFd, source: u16) -> std::io::Result<()> {
+    fn add(&mut self, fd: RawFd, source: u16, events: EventSet) -> std::io::Result<()> {
         let data = Token::Device(source).to_data();
         self.ops
-            .add(Events::with_data_raw(fd, data, EventSet::IN))
+            .add(Events::with_data_raw(fd, data, events))
             .map_err(loop_error)
     }
 
-    fn unwatch(&mut self, fd: RawFd) -> std::io::Result<()> {
+    fn modify(&mut self, fd: RawFd, source: u16, events: EventSet) -> std::io::Result<()> {
+        let data = Token::Device(source).to_data();
+        self.ops
+            .modify(Events::with_data_raw(fd, data, events))
+            .map_err(loop_error)
+    }
+
+    fn remove(&mut self, fd: RawFd) -> std::io::Result<()> {
         self.ops.remove(Events::empty_raw(fd)).map_err(loop_error)
     }
 }
@@ -694,7 +701,7 @@ impl MutEventSubscriber for MmioTransport {
                     self.process_queue(usize::from(i), &mut interest);
                 }
             }
-            Some(Token::Device(s)) => self.process_event(s, &mut interest),
+            Some(Token::Device(s)) => self.process_event(s, events.event_set(), &mut interest),
             None => log::error!("virtio: event with unknown token {:#x}", events.data()),
         }
     }
@@ -783,10 +790,13 @@ mod tests {
     struct NoLoop;
 
     impl Interest for NoLoop {
-        fn watch(&mut self, _fd: RawFd, _source: u16) -> std::io::Result<()> {
+        fn add(&mut self, _fd: RawFd, _source: u16, _ev: EventSet) -> std::io::Result<()> {
             Ok(())
         }
-        fn unwatch(&mut self, _fd: RawFd) -> std::io::Result<()> {
+        fn modify(&mut self, _fd: RawFd, _source: u16, _ev: EventSet) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn remove(&mut self, _fd: RawFd) -> std::io::Result<()> {
             Ok(())
         }
     }

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtio_queue::Queue;
+pub use vmm_sys_util::epoll::EventSet;
 
 use crate::devices::ioapic::IrqLine;
 use crate::vm::memory::GuestMemory;
@@ -179,8 +180,14 @@ pub trait VirtioDevice: Send {
     fn event_sources(&self) -> Vec<(RawFd, u16)> {
         Vec::new()
     }
-    /// Source `source` (from `event_sources` or `Interest::watch`) is readable.
-    fn process_event(&mut self, _source: u16, _interest: &mut dyn Interest) -> Work {
+    /// Source `source` (from `event_sources` or `Interest::add`) reported `events` (what
+    /// it was watched for, or an error or hangup, which epoll always reports).
+    fn process_event(
+        &mut self,
+        _source: u16,
+        _events: EventSet,
+        _interest: &mut dyn Interest,
+    ) -> Work {
         Work::Done
     }
     /// Replaces the device's backing file (PATCH /drives after start). Returns whether the
@@ -211,12 +218,28 @@ impl LogOnce {
     }
 }
 
-/// A device's own interest in the VMM thread's event loop: devices add and remove file
-/// descriptors they own (a TAP while RX can proceed) instead of running an epoll of their
-/// own. Only reachable on the event loop (from `process_queue` and `process_event`).
+/// A device's own interest in the VMM thread's event loop: devices add, change and remove
+/// file descriptors they own (a TAP while RX can proceed, a vsock host stream that has
+/// bytes to take or to give) instead of running an epoll of their own. Only reachable on
+/// the event loop (from `process_queue` and `process_event`).
+///
+/// A device removes an fd before it closes it: the loop keeps a table by fd number, and a
+/// closed fd left in it would refuse the next fd to get that number.
 pub trait Interest {
-    /// Watch `fd` for input; `process_event(source)` runs when it is readable.
-    fn watch(&mut self, fd: RawFd, source: u16) -> std::io::Result<()>;
+    /// Watch `fd` for `events` (`EventSet::IN`, `OUT` or both); `process_event(source)`
+    /// runs when it is ready. Errors and hangups are reported whatever `events` says.
+    fn add(&mut self, fd: RawFd, source: u16, events: EventSet) -> std::io::Result<()>;
+    /// Change what an added `fd` is watched for.
+    fn modify(&mut self, fd: RawFd, source: u16, events: EventSet) -> std::io::Result<()>;
     /// Stop watching `fd`.
-    fn unwatch(&mut self, fd: RawFd) -> std::io::Result<()>;
+    fn remove(&mut self, fd: RawFd) -> std::io::Result<()>;
+
+    /// Watch `fd` for input.
+    fn watch(&mut self, fd: RawFd, source: u16) -> std::io::Result<()> {
+        self.add(fd, source, EventSet::IN)
+    }
+    /// Stop watching `fd`.
+    fn unwatch(&mut self, fd: RawFd) -> std::io::Result<()> {
+        self.remove(fd)
+    }
 }

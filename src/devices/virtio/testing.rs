@@ -84,3 +84,82 @@ impl TestQueue {
         mem.read_obj(GuestAddress(self.base + 0x2000 + 2)).unwrap()
     }
 }
+
+/// An event loop for device unit tests: an epoll set standing for the VMM thread's, which
+/// the device reaches through `Interest`, and which the test waits on and dispatches. Like
+/// the real loop (event-manager), it keeps a table by fd and refuses an fd it already has,
+/// so a device that closes an fd without removing it first fails its tests.
+pub struct TestLoop {
+    epoll: vmm_sys_util::epoll::Epoll,
+    fds: std::collections::BTreeSet<std::os::fd::RawFd>,
+}
+
+impl TestLoop {
+    /// A loop watching `sources` (a device's `event_sources`) for input.
+    pub fn new(sources: Vec<(std::os::fd::RawFd, u16)>) -> TestLoop {
+        use super::Interest;
+        let mut l = TestLoop {
+            epoll: vmm_sys_util::epoll::Epoll::new().unwrap(),
+            fds: Default::default(),
+        };
+        for (fd, source) in sources {
+            l.watch(fd, source).unwrap();
+        }
+        l
+    }
+
+    /// The fds being watched.
+    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.fds.iter().copied().collect()
+    }
+
+    /// What is ready, waiting up to `ms` milliseconds.
+    pub fn wait(&self, ms: i32) -> Vec<(u16, super::EventSet)> {
+        let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 64];
+        let n = self.epoll.wait(ms, &mut events).unwrap();
+        events
+            .iter()
+            .take(n)
+            .map(|e| (e.data() as u16, e.event_set()))
+            .collect()
+    }
+}
+
+impl super::Interest for TestLoop {
+    fn add(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        source: u16,
+        events: super::EventSet,
+    ) -> std::io::Result<()> {
+        if self.fds.contains(&fd) {
+            return Err(std::io::Error::other("fd already registered"));
+        }
+        let ev = vmm_sys_util::epoll::EpollEvent::new(events, u64::from(source));
+        self.epoll
+            .ctl(vmm_sys_util::epoll::ControlOperation::Add, fd, ev)?;
+        self.fds.insert(fd);
+        Ok(())
+    }
+
+    fn modify(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        source: u16,
+        events: super::EventSet,
+    ) -> std::io::Result<()> {
+        let ev = vmm_sys_util::epoll::EpollEvent::new(events, u64::from(source));
+        self.epoll
+            .ctl(vmm_sys_util::epoll::ControlOperation::Modify, fd, ev)
+    }
+
+    fn remove(&mut self, fd: std::os::fd::RawFd) -> std::io::Result<()> {
+        self.epoll.ctl(
+            vmm_sys_util::epoll::ControlOperation::Delete,
+            fd,
+            vmm_sys_util::epoll::EpollEvent::default(),
+        )?;
+        self.fds.remove(&fd);
+        Ok(())
+    }
+}

@@ -37,7 +37,9 @@ use virtio_bindings::virtio_net::{
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::{ActivateError, Interest, LogOnce, VirtioDevice, VirtioError, VirtioInterrupt, Work};
+use super::{
+    ActivateError, EventSet, Interest, LogOnce, VirtioDevice, VirtioError, VirtioInterrupt, Work,
+};
 use crate::config::net::{MacAddr, NetworkInterfaceConfig};
 use crate::devices::rate_limiter::RateLimiter;
 use crate::mmds::stack::MmdsStack;
@@ -469,7 +471,7 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
         }
     }
 
-    fn process_event(&mut self, source: u16, interest: &mut dyn Interest) -> Work {
+    fn process_event(&mut self, source: u16, _: EventSet, interest: &mut dyn Interest) -> Work {
         match source {
             SOURCE_TX_LIMITER => {
                 let fired = self
@@ -575,11 +577,15 @@ mod tests {
     }
 
     impl Interest for TestLoop {
-        fn watch(&mut self, fd: RawFd, source: u16) -> io::Result<()> {
-            let ev = EpollEvent::new(EventSet::IN, u64::from(source));
+        fn add(&mut self, fd: RawFd, source: u16, events: EventSet) -> io::Result<()> {
+            let ev = EpollEvent::new(events, u64::from(source));
             self.epoll.ctl(ControlOperation::Add, fd, ev)
         }
-        fn unwatch(&mut self, fd: RawFd) -> io::Result<()> {
+        fn modify(&mut self, fd: RawFd, source: u16, events: EventSet) -> io::Result<()> {
+            let ev = EpollEvent::new(events, u64::from(source));
+            self.epoll.ctl(ControlOperation::Modify, fd, ev)
+        }
+        fn remove(&mut self, fd: RawFd) -> io::Result<()> {
             self.epoll
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default())
         }
@@ -672,13 +678,13 @@ mod tests {
         let mut lp = TestLoop::new(&net);
         let ep = lp.fd();
         assert!(readable(ep));
-        net.process_event(SOURCE_WAKE, &mut lp);
+        net.process_event(SOURCE_WAKE, EventSet::IN, &mut lp);
         assert!(net.is_watching());
         assert!(!readable(ep));
         net.reset();
         assert_eq!(net.backend().offload, Some(0));
         assert!(readable(ep));
-        net.process_event(SOURCE_WAKE, &mut lp);
+        net.process_event(SOURCE_WAKE, EventSet::IN, &mut lp);
         assert!(!net.is_watching());
         assert!(!readable(ep));
     }
@@ -697,7 +703,7 @@ mod tests {
         peer.send(&frame(b"second")).unwrap();
         // The event loop wakes up; no RX buffers: one frame is held, the TAP is not
         // watched although more wait in it, and no interrupt is raised.
-        net.process_event(SOURCE_WAKE, &mut lp);
+        net.process_event(SOURCE_WAKE, EventSet::IN, &mut lp);
         assert!(!net.is_watching());
         assert!(!readable(ep));
         assert!(evt.read().is_err());
@@ -722,7 +728,7 @@ mod tests {
         assert!(readable(ep));
         // A kick with nothing to do raises no interrupt.
         rx.post_rx(&mem, 2, 2048);
-        net.process_event(SOURCE_WAKE, &mut lp);
+        net.process_event(SOURCE_WAKE, EventSet::IN, &mut lp);
         assert_eq!(evt.read().unwrap(), 1);
         net.process_queue(RX_QUEUE, &mut lp);
         assert!(evt.read().is_err());
@@ -812,11 +818,11 @@ mod tests {
         let (mut net, evt, peer) = device();
         let mut lp = TestLoop::new(&net);
         activate(&mut net, &mem, &evt, bit(VIRTIO_F_VERSION_1));
-        net.process_event(SOURCE_WAKE, &mut lp);
+        net.process_event(SOURCE_WAKE, EventSet::IN, &mut lp);
         assert!(net.is_watching());
         peer.send(&frame(b"x")).unwrap();
         net.backend.fail_recv = true;
-        net.process_event(SOURCE_WAKE, &mut lp);
+        net.process_event(SOURCE_WAKE, EventSet::IN, &mut lp);
         assert!(!net.is_watching());
         assert!(evt.read().is_err());
         // An RX kick tries again; once the backend works, frames flow.

@@ -24,7 +24,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory as _, Permissions};
 use self::metrics::{METRICS, inc};
 use self::muxer::Muxer;
 use self::packet::{HDR_LEN, Header};
-use super::{ActivateError, Interest, VirtioDevice, VirtioInterrupt, Work};
+use super::{ActivateError, EventSet, Interest, VirtioDevice, VirtioInterrupt, Work};
 use crate::vm::memory::GuestMemory;
 
 /// virtio device ID of vsock.
@@ -35,8 +35,6 @@ const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 const EVENT_QUEUE: usize = 2;
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
-/// The event source number of the muxer's epoll fd.
-const SOURCE_MUXER: u16 = 0;
 /// The largest payload of one packet, either way (Firecracker's and Linux's limit).
 pub const MAX_PKT_DATA: usize = 64 * 1024;
 
@@ -165,7 +163,7 @@ impl Vsock {
 
     /// Moves every packet the guest made available to the muxer, at most a queue's worth
     /// per pass. Returns whether work is left.
-    fn run_tx(&mut self) -> bool {
+    fn run_tx(&mut self, interest: &mut dyn Interest) -> bool {
         let Some(a) = self.active.as_mut() else {
             return false;
         };
@@ -194,7 +192,7 @@ impl Vsock {
                             Some(d) => {
                                 inc(&METRICS.tx_packets_count, 1);
                                 inc(&METRICS.tx_bytes_count, d.len() as u64);
-                                self.muxer.send_pkt(&hdr, d)
+                                self.muxer.send_pkt(&hdr, d, interest)
                             }
                             None => {
                                 inc(&METRICS.tx_malformed, 1);
@@ -234,7 +232,7 @@ impl Vsock {
 
     /// Fills RX buffers with what the muxer has for the guest, a queue's worth per pass;
     /// if more is left, the wake eventfd brings the event loop back.
-    fn run_rx(&mut self) {
+    fn run_rx(&mut self, interest: &mut dyn Interest) {
         let Some(a) = self.active.as_mut() else {
             return;
         };
@@ -266,7 +264,7 @@ impl Vsock {
             let room = (c.total - HDR_LEN).min(MAX_PKT_DATA);
             let Some((hdr, len)) = self
                 .muxer
-                .recv_pkt(self.buf.get_mut(..room).unwrap_or_default())
+                .recv_pkt(self.buf.get_mut(..room).unwrap_or_default(), interest)
             else {
                 a.rx.go_to_previous_position();
                 break;
@@ -352,16 +350,17 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
-    fn process_queue(&mut self, index: usize, _interest: &mut dyn Interest) -> Work {
+    fn process_queue(&mut self, index: usize, interest: &mut dyn Interest) -> Work {
+        self.muxer.settle(interest);
         let more = match index {
             RX_QUEUE => {
-                self.run_rx();
+                self.run_rx(interest);
                 false
             }
             TX_QUEUE => {
-                let more = self.run_tx();
+                let more = self.run_tx(interest);
                 // Answers (responses, credit updates, data now allowed) go out at once.
-                self.run_rx();
+                self.run_rx(interest);
                 more
             }
             EVENT_QUEUE => false,
@@ -376,18 +375,21 @@ impl VirtioDevice for Vsock {
         self.muxer.reset();
     }
 
-    /// The muxer's own epoll set: `Interest` watches for input only, and a host stream
-    /// must also be watched for room to write (a host peer that was slow to read).
+    /// The listener, the timer and the wake eventfd; host streams come and go through
+    /// `Interest` as their connections can read or write.
     fn event_sources(&self) -> Vec<(RawFd, u16)> {
-        vec![(self.muxer.epoll_fd(), SOURCE_MUXER)]
+        self.muxer.event_sources()
     }
 
-    fn process_event(&mut self, source: u16, _interest: &mut dyn Interest) -> Work {
-        if source == SOURCE_MUXER {
-            self.muxer.process_events();
-            self.run_rx();
-            self.muxer.arm_timer();
-        }
+    fn process_event(
+        &mut self,
+        source: u16,
+        events: EventSet,
+        interest: &mut dyn Interest,
+    ) -> Work {
+        self.muxer.process_event(source, events, interest);
+        self.run_rx(interest);
+        self.muxer.arm_timer();
         Work::Done
     }
 }
@@ -408,17 +410,7 @@ mod tests {
     const QSIZE: u16 = 16;
     const RINGS: u64 = 0x1000;
 
-    /// The device keeps its own epoll set and never asks the event loop for more.
-    struct NoInterest;
-
-    impl Interest for NoInterest {
-        fn watch(&mut self, _fd: RawFd, _source: u16) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn unwatch(&mut self, _fd: RawFd) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::devices::virtio::testing::TestLoop;
     const BUFS: u64 = 0x10_0000;
 
     /// One virtqueue as a driver sees it (rings of queue q at 0x1000 + q * 0x3000).
@@ -502,6 +494,7 @@ mod tests {
         let (mut tx, txq) = Vq::new(&mem, 1);
         let (_ev, evq) = Vq::new(&mem, 2);
         let mut dev = Vsock::new(3, &uds).unwrap();
+        let lp = &mut TestLoop::new(dev.event_sources());
         let irq = EventFd::new(0).unwrap();
         let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::from_eventfd(
             irq.try_clone().unwrap(),
@@ -529,7 +522,7 @@ mod tests {
         for h in [0, 1, 2, 3, 4, 9] {
             tx.publish(&mem, h);
         }
-        assert_eq!(dev.process_queue(TX_QUEUE, &mut NoInterest), Work::Done);
+        assert_eq!(dev.process_queue(TX_QUEUE, lp), Work::Done);
         assert_eq!(tx.used_idx(&mem), 6);
 
         // The driver posts RX buffers, one of them too short for a header.
@@ -539,7 +532,7 @@ mod tests {
             rx.desc(&mem, i, buf(8 + i), 4096, VRING_DESC_F_WRITE, 0);
             rx.publish(&mem, i);
         }
-        dev.process_queue(RX_QUEUE, &mut NoInterest);
+        dev.process_queue(RX_QUEUE, lp);
         // The RW for no connection gets an RST (the short buffer is skipped); the
         // malformed ones nothing.
         assert_eq!(rx.used_idx(&mem), 2);
@@ -556,7 +549,7 @@ mod tests {
             .unwrap();
         tx.desc(&mem, 6, buf(6), 44, 0, 0);
         tx.publish(&mem, 6);
-        dev.process_queue(TX_QUEUE, &mut NoInterest);
+        dev.process_queue(TX_QUEUE, lp);
         let (mut peer, _) = host.accept().unwrap();
         assert_eq!(rx.used_idx(&mem), 3);
         mem.read_slice(&mut raw, GuestAddress(buf(10))).unwrap();
@@ -568,18 +561,19 @@ mod tests {
         tx.desc(&mem, 7, buf(7), 44, VRING_DESC_F_NEXT, 8);
         tx.desc(&mem, 8, buf(7) + 0x1000, 5, 0, 0);
         tx.publish(&mem, 7);
-        dev.process_queue(TX_QUEUE, &mut NoInterest);
+        dev.process_queue(TX_QUEUE, lp);
         let mut got = [0u8; 5];
         peer.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"hello");
         // And back: the host writes, the event loop's pass fills the next RX buffer.
         peer.write_all(b"world").unwrap();
         for _ in 0..100 {
-            dev.process_event(SOURCE_MUXER, &mut NoInterest);
+            for (source, ev) in lp.wait(10) {
+                dev.process_event(source, ev, lp);
+            }
             if rx.used_idx(&mem) == 4 {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert_eq!(rx.used(&mem, 3), (3, HDR_LEN as u32 + 5));
         let mut data = [0u8; 5];
@@ -587,6 +581,22 @@ mod tests {
             .unwrap();
         assert_eq!(&data, b"world");
         assert!(irq.read().unwrap() > 0);
+
+        // A reset (on a vCPU thread, which cannot reach the event loop) closes the
+        // connection on the loop's next pass, the stream taken out of the loop first.
+        // One more RX buffer lets the connection find the stream empty and wait on it.
+        rx.desc(&mem, 4, buf(13), 4096, VRING_DESC_F_WRITE, 0);
+        rx.publish(&mem, 4);
+        dev.process_queue(RX_QUEUE, lp);
+        assert_eq!(lp.fds().len(), 4);
+        dev.reset();
+        for (source, ev) in lp.wait(1000) {
+            dev.process_event(source, ev, lp);
+        }
+        assert_eq!(lp.fds().len(), 3);
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
         drop(UnixStream::connect(&uds).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }

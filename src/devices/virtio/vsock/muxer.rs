@@ -8,10 +8,11 @@
 //! - Guest-initiated: a guest connecting to CID 2 port P reaches the listener at
 //!   `<uds_path>_<P>`; if none accepts right away, the guest gets an RST.
 //!
-//! Every host socket is non-blocking and watched by the muxer's own epoll instance, whose
-//! fd the device hands to the VMM event loop (as virtio-net does with its TAP): a host peer
-//! never blocks the event loop, and interest in each socket follows what the connection can
-//! do now (see `Conn::interest`), so a stalled peer costs no wakeups.
+//! Every host socket is non-blocking and watched by the VMM thread's event loop, which the
+//! muxer reaches through the device's `Interest` (as virtio-net does with its TAP): a host
+//! peer never blocks the event loop, and interest in each socket follows what the
+//! connection can do now (see `Conn::interest`), so a stalled peer costs no wakeups. Each
+//! watched stream gets a source number of its own; the fixed sources come first.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read};
@@ -19,13 +20,13 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Instant;
 
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::conn::{Conn, RxPacket, State};
 use super::metrics::{METRICS, inc};
 use super::packet::*;
+use crate::devices::virtio::{EventSet, Interest};
 
 /// Firecracker's limit on open connections.
 pub const MAX_CONNECTIONS: usize = 1023;
@@ -41,17 +42,17 @@ const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 /// Local ports for host-initiated connections: Firecracker's range [2^30, 2^31).
 const LOCAL_PORT_FIRST: u32 = 1 << 30;
 
-/// epoll data of the fixed sources; host streams use their fd (always below 2^32).
-const TOKEN_LISTENER: u64 = 1 << 32;
-const TOKEN_TIMER: u64 = (1 << 32) + 1;
-const TOKEN_WAKE: u64 = (1 << 32) + 2;
+/// Event sources: the listener, the timer, the wake eventfd, then host streams.
+pub const SOURCE_LISTENER: u16 = 0;
+pub const SOURCE_TIMER: u16 = 1;
+pub const SOURCE_WAKE: u16 = 2;
+const FIRST_STREAM_SOURCE: u16 = 3;
 
 type Key = (u32, u32);
 
 pub struct Muxer {
     guest_cid: u64,
     uds_path: String,
-    epoll: Epoll,
     listener: UnixListener,
     timer: TimerFd,
     timer_at: Option<Instant>,
@@ -66,23 +67,20 @@ pub struct Muxer {
     rxq: VecDeque<Key>,
     rsts: VecDeque<Key>,
     last_local_port: u32,
-    /// accept failed for want of descriptors or memory: the listener is out of the epoll
-    /// set (it would stay readable and spin the event loop) until this time.
+    /// accept failed for want of descriptors or memory: the listener is out of the event
+    /// loop (it would stay readable and spin it) until this time.
     listener_retry_at: Option<Instant>,
-}
-
-fn ctl(
-    epoll: &Epoll,
-    op: ControlOperation,
-    fd: RawFd,
-    ev: EventSet,
-    data: u64,
-) -> std::io::Result<()> {
-    epoll.ctl(op, fd, EpollEvent::new(ev, data))
+    /// Watched host streams: source number -> fd, and back.
+    fd_of_source: HashMap<u16, RawFd>,
+    source_of_fd: HashMap<RawFd, u16>,
+    last_source: u16,
+    /// The device was reset on a vCPU thread, which cannot reach the event loop: the
+    /// connections close on the event loop's next pass (`settle`).
+    reset_pending: bool,
 }
 
 impl Muxer {
-    /// Binds `uds_path` (replacing a stale socket file) and sets up the epoll instance.
+    /// Binds `uds_path` (replacing a stale socket file).
     pub fn new(guest_cid: u64, uds_path: &str) -> std::io::Result<Muxer> {
         crate::config::vsock::check_uds_path(uds_path).map_err(std::io::Error::other)?;
         match std::fs::remove_file(uds_path) {
@@ -92,34 +90,11 @@ impl Muxer {
         }
         let listener = UnixListener::bind(uds_path)?;
         listener.set_nonblocking(true)?;
-        let epoll = Epoll::new()?;
         let timer = TimerFd::new()?;
         let wake = EventFd::new(EFD_NONBLOCK)?;
-        ctl(
-            &epoll,
-            ControlOperation::Add,
-            listener.as_raw_fd(),
-            EventSet::IN,
-            TOKEN_LISTENER,
-        )?;
-        ctl(
-            &epoll,
-            ControlOperation::Add,
-            timer.as_raw_fd(),
-            EventSet::IN,
-            TOKEN_TIMER,
-        )?;
-        ctl(
-            &epoll,
-            ControlOperation::Add,
-            wake.as_raw_fd(),
-            EventSet::IN,
-            TOKEN_WAKE,
-        )?;
         Ok(Muxer {
             guest_cid,
             uds_path: uds_path.to_string(),
-            epoll,
             listener,
             timer,
             timer_at: None,
@@ -131,11 +106,69 @@ impl Muxer {
             rsts: VecDeque::new(),
             last_local_port: LOCAL_PORT_FIRST - 1,
             listener_retry_at: None,
+            fd_of_source: HashMap::new(),
+            source_of_fd: HashMap::new(),
+            last_source: FIRST_STREAM_SOURCE - 1,
+            reset_pending: false,
         })
     }
 
-    pub fn epoll_fd(&self) -> RawFd {
-        self.epoll.as_raw_fd()
+    /// The sources the event loop watches for input from the start.
+    pub fn event_sources(&self) -> Vec<(RawFd, u16)> {
+        vec![
+            (self.listener.as_raw_fd(), SOURCE_LISTENER),
+            (self.timer.as_raw_fd(), SOURCE_TIMER),
+            (self.wake.as_raw_fd(), SOURCE_WAKE),
+        ]
+    }
+
+    /// Watches a host stream under a new source number.
+    fn watch_stream(
+        &mut self,
+        fd: RawFd,
+        events: EventSet,
+        interest: &mut dyn Interest,
+    ) -> std::io::Result<()> {
+        // At most MAX_CONNECTIONS + MAX_PENDING_PREAMBLES streams: a free number exists.
+        let mut source = None;
+        for _ in FIRST_STREAM_SOURCE..=u16::MAX {
+            self.last_source = self
+                .last_source
+                .checked_add(1)
+                .unwrap_or(FIRST_STREAM_SOURCE);
+            if !self.fd_of_source.contains_key(&self.last_source) {
+                source = Some(self.last_source);
+                break;
+            }
+        }
+        let source = source.ok_or_else(|| std::io::Error::other("no free source number"))?;
+        interest.add(fd, source, events)?;
+        self.fd_of_source.insert(source, fd);
+        self.source_of_fd.insert(fd, source);
+        Ok(())
+    }
+
+    /// Takes a host stream out of the event loop; before it is closed.
+    fn unwatch_stream(&mut self, fd: RawFd, interest: &mut dyn Interest) {
+        if let Some(source) = self.source_of_fd.remove(&fd) {
+            self.fd_of_source.remove(&source);
+            if let Err(e) = interest.remove(fd) {
+                log::error!("vsock: cannot stop watching a host stream: {e}");
+            }
+        }
+    }
+
+    /// Closes the connections of a reset (see `reset`); first thing on every pass.
+    pub fn settle(&mut self, interest: &mut dyn Interest) {
+        if !std::mem::take(&mut self.reset_pending) {
+            return;
+        }
+        let fds: Vec<RawFd> = self.by_fd.keys().copied().collect();
+        for fd in fds {
+            self.unwatch_stream(fd, interest);
+        }
+        self.by_fd.clear();
+        self.conns.clear();
     }
 
     pub fn uds_path(&self) -> &str {
@@ -157,60 +190,51 @@ impl Muxer {
         !self.rsts.is_empty() || !self.rxq.is_empty()
     }
 
-    /// Drops every connection (device reset). Only closes descriptors, which also takes
-    /// them out of the epoll set: this runs on a vCPU thread, where epoll calls are not
-    /// allowed. The listener stays: host processes can connect again after the driver
-    /// comes back.
+    /// Drops every connection (device reset). This runs on a vCPU thread, which cannot
+    /// reach the event loop: the streams are taken out of it and closed by `settle` on the
+    /// loop's next pass, which the wake brings at once; until then nothing is sent either
+    /// way. The listener stays: host processes can connect again after the driver comes
+    /// back.
     pub fn reset(&mut self) {
-        self.conns.clear();
-        self.by_fd.clear();
+        self.reset_pending = true;
         self.rxq.clear();
         self.rsts.clear();
         self.wake();
     }
 
-    /// Handles what the epoll set reports, without waiting.
-    pub fn process_events(&mut self) {
-        let mut events = [EpollEvent::default(); 32];
-        let n = match self.epoll.wait(0, &mut events) {
-            Ok(n) => n,
-            Err(e) => {
-                log::error!("vsock: epoll_wait failed: {e}");
-                return;
+    /// Handles `events` on source `source`.
+    pub fn process_event(&mut self, source: u16, events: EventSet, interest: &mut dyn Interest) {
+        self.settle(interest);
+        match source {
+            SOURCE_LISTENER => self.accept(interest),
+            SOURCE_TIMER => {
+                // Reading clears the readable state; the count does not matter.
+                let mut b = [0u8; 8];
+                // SAFETY: reading 8 bytes into a local buffer from our timerfd.
+                unsafe { libc::read(self.timer.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+                self.timer_at = None;
+                self.expire(interest);
+                self.resume_listener(interest);
             }
-        };
-        for ev in events.iter().take(n) {
-            let set = EventSet::from_bits_truncate(ev.events);
-            match ev.data() {
-                TOKEN_LISTENER => self.accept(),
-                TOKEN_TIMER => {
-                    // Reading clears the readable state; the count does not matter.
-                    let mut b = [0u8; 8];
-                    // SAFETY: reading 8 bytes into a local buffer from our timerfd.
-                    unsafe { libc::read(self.timer.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
-                    self.timer_at = None;
-                    self.expire();
-                    self.resume_listener();
-                }
-                TOKEN_WAKE => {
-                    let _ = self.wake.read();
-                }
-                fd => {
-                    let fd = fd as RawFd;
-                    if self.preambles.contains_key(&fd) {
-                        self.read_preamble(fd);
-                    } else if let Some((key, _)) = self.by_fd.get(&fd).copied() {
-                        self.mutate(key, |c| c.notify(set));
-                    } else {
-                        // A stream closed since epoll_wait: nothing to do.
-                        log::debug!("vsock: event for unknown fd {fd}");
-                    }
+            SOURCE_WAKE => {
+                let _ = self.wake.read();
+            }
+            source => {
+                let Some(fd) = self.fd_of_source.get(&source).copied() else {
+                    // A stream closed since the loop collected its events.
+                    log::debug!("vsock: event for unknown source {source}");
+                    return;
+                };
+                if self.preambles.contains_key(&fd) {
+                    self.read_preamble(fd, interest);
+                } else if let Some((key, _)) = self.by_fd.get(&fd).copied() {
+                    self.mutate(key, |c| c.notify(events), interest);
                 }
             }
         }
     }
 
-    fn accept(&mut self) {
+    fn accept(&mut self, interest: &mut dyn Interest) {
         for _ in 0..MAX_PENDING_PREAMBLES {
             // SAFETY: accept4 on our listening socket with null address arguments.
             let fd = unsafe {
@@ -227,13 +251,7 @@ impl Muxer {
                     // EMFILE, ENFILE, ENOMEM...: the connection stays in the backlog; try
                     // again later rather than spin on a listener that stays readable.
                     log::warn!("vsock: cannot accept a host connection: {e}; retrying in 100 ms");
-                    let _ = ctl(
-                        &self.epoll,
-                        ControlOperation::Delete,
-                        self.listener.as_raw_fd(),
-                        EventSet::empty(),
-                        0,
-                    );
+                    let _ = interest.remove(self.listener.as_raw_fd());
                     self.listener_retry_at = Some(Instant::now() + ACCEPT_RETRY);
                 }
                 return;
@@ -250,13 +268,7 @@ impl Muxer {
                 inc(&METRICS.conns_refused, 1);
                 continue;
             }
-            if let Err(e) = ctl(
-                &self.epoll,
-                ControlOperation::Add,
-                fd,
-                EventSet::IN,
-                fd as u64,
-            ) {
+            if let Err(e) = self.watch_stream(fd, EventSet::IN, interest) {
                 log::warn!("vsock: cannot watch a host connection: {e}");
                 continue;
             }
@@ -265,17 +277,11 @@ impl Muxer {
         }
     }
 
-    fn resume_listener(&mut self) {
+    fn resume_listener(&mut self, interest: &mut dyn Interest) {
         if self.listener_retry_at.is_some_and(|t| t <= Instant::now()) {
             self.listener_retry_at = None;
             let fd = self.listener.as_raw_fd();
-            if let Err(e) = ctl(
-                &self.epoll,
-                ControlOperation::Add,
-                fd,
-                EventSet::IN,
-                TOKEN_LISTENER,
-            ) {
+            if let Err(e) = interest.add(fd, SOURCE_LISTENER, EventSet::IN) {
                 log::error!("vsock: cannot watch the listener again: {e}");
             }
         }
@@ -283,7 +289,7 @@ impl Muxer {
 
     /// Reads a `CONNECT` line byte by byte, so the bytes after it stay in the socket for
     /// the guest.
-    fn read_preamble(&mut self, fd: RawFd) {
+    fn read_preamble(&mut self, fd: RawFd, interest: &mut dyn Interest) {
         let Some((stream, line)) = self.preambles.get_mut(&fd) else {
             return;
         };
@@ -317,13 +323,7 @@ impl Muxer {
         let Some(result) = done else {
             return;
         };
-        let _ = ctl(
-            &self.epoll,
-            ControlOperation::Delete,
-            fd,
-            EventSet::empty(),
-            0,
-        );
+        self.unwatch_stream(fd, interest);
         let Some((stream, _)) = self.preambles.remove(&fd) else {
             return;
         };
@@ -337,7 +337,7 @@ impl Muxer {
                 }
                 let local = self.allocate_local_port();
                 log::debug!("vsock: host connects to guest port {port} from {local}");
-                self.add(Conn::local_init(stream, local, port));
+                self.add(Conn::local_init(stream, local, port), interest);
             }
             Err(why) => {
                 inc(&METRICS.conns_refused, 1);
@@ -357,43 +357,37 @@ impl Muxer {
         }
     }
 
-    fn add(&mut self, conn: Conn) {
+    fn add(&mut self, conn: Conn, interest: &mut dyn Interest) {
         let key = (conn.local_port, conn.peer_port);
         let fd = conn.stream().as_raw_fd();
         let has_rx = conn.has_pending_rx();
         inc(&METRICS.conns_added, 1);
-        if let Some(old) = self.conns.insert(key, conn) {
+        if let Some(old) = self.conns.remove(&key) {
             // A guest reusing a port pair still open: the old one goes.
-            self.by_fd.remove(&old.stream().as_raw_fd());
+            let old_fd = old.stream().as_raw_fd();
+            self.by_fd.remove(&old_fd);
+            self.unwatch_stream(old_fd, interest);
         }
+        self.conns.insert(key, conn);
         self.by_fd.insert(fd, (key, EventSet::empty()));
         if has_rx {
             self.rxq.push_back(key);
         }
-        self.update_interest(key);
+        self.update_interest(key, interest);
     }
 
-    fn remove(&mut self, key: Key) {
+    fn remove(&mut self, key: Key, interest: &mut dyn Interest) {
         if let Some(c) = self.conns.remove(&key) {
             inc(&METRICS.conns_removed, 1);
             let fd = c.stream().as_raw_fd();
-            if let Some((_, ev)) = self.by_fd.remove(&fd)
-                && !ev.is_empty()
-            {
-                let _ = ctl(
-                    &self.epoll,
-                    ControlOperation::Delete,
-                    fd,
-                    EventSet::empty(),
-                    0,
-                );
-            }
+            self.by_fd.remove(&fd);
+            self.unwatch_stream(fd, interest);
         }
     }
 
     /// Runs `f` on a connection, then brings the bookkeeping up to date: the `OK` line when
-    /// a host-initiated connection is accepted, the RX queue, the epoll interest.
-    fn mutate(&mut self, key: Key, f: impl FnOnce(&mut Conn)) {
+    /// a host-initiated connection is accepted, the RX queue, the event loop's interest.
+    fn mutate(&mut self, key: Key, f: impl FnOnce(&mut Conn), interest: &mut dyn Interest) {
         let Some(c) = self.conns.get_mut(&key) else {
             return;
         };
@@ -416,10 +410,13 @@ impl Muxer {
         if !had_rx && c.has_pending_rx() {
             self.rxq.push_back(key);
         }
-        self.update_interest(key);
+        self.update_interest(key, interest);
     }
 
-    fn update_interest(&mut self, key: Key) {
+    /// Brings the event loop's interest in a connection's stream up to what it can do
+    /// now. No events means out of the loop: an fd in it reports errors and hangups even
+    /// with no events.
+    fn update_interest(&mut self, key: Key, interest: &mut dyn Interest) {
         let Some(c) = self.conns.get(&key) else {
             return;
         };
@@ -431,13 +428,24 @@ impl Muxer {
         if *have == want {
             return;
         }
+        let have = *have;
         let r = match (have.is_empty(), want.is_empty()) {
-            (true, false) => ctl(&self.epoll, ControlOperation::Add, fd, want, fd as u64),
-            (false, true) => ctl(&self.epoll, ControlOperation::Delete, fd, want, 0),
-            _ => ctl(&self.epoll, ControlOperation::Modify, fd, want, fd as u64),
+            (true, false) => self.watch_stream(fd, want, interest),
+            (false, true) => {
+                self.unwatch_stream(fd, interest);
+                Ok(())
+            }
+            _ => match self.source_of_fd.get(&fd) {
+                Some(source) => interest.modify(fd, *source, want),
+                None => Ok(()),
+            },
         };
         match r {
-            Ok(()) => *have = want,
+            Ok(()) => {
+                if let Some((_, have)) = self.by_fd.get_mut(&fd) {
+                    *have = want;
+                }
+            }
             Err(e) => log::error!("vsock: cannot watch a host stream: {e}"),
         }
     }
@@ -449,7 +457,7 @@ impl Muxer {
     }
 
     /// A packet the guest sent; `data` is its payload.
-    pub fn send_pkt(&mut self, hdr: &Header, data: &[u8]) {
+    pub fn send_pkt(&mut self, hdr: &Header, data: &[u8], interest: &mut dyn Interest) {
         if hdr.dst_cid != HOST_CID || hdr.src_cid != self.guest_cid {
             log::debug!(
                 "vsock: packet from CID {} to CID {} dropped",
@@ -468,21 +476,21 @@ impl Muxer {
         if self.conns.contains_key(&key) {
             if hdr.op == OP_RST {
                 log::debug!("vsock: guest reset {}:{}", key.0, key.1);
-                self.remove(key);
+                self.remove(key, interest);
                 return;
             }
-            self.mutate(key, |c| c.send_pkt(hdr, data));
+            self.mutate(key, |c| c.send_pkt(hdr, data), interest);
             return;
         }
         match hdr.op {
-            OP_REQUEST => self.connect_to_host(hdr),
+            OP_REQUEST => self.connect_to_host(hdr, interest),
             OP_RST => {}
             _ => self.enqueue_rst(key.0, key.1),
         }
     }
 
     /// The guest asks for host port P: connect to `<uds_path>_<P>` without blocking.
-    fn connect_to_host(&mut self, hdr: &Header) {
+    fn connect_to_host(&mut self, hdr: &Header, interest: &mut dyn Interest) {
         if self.conns.len() >= MAX_CONNECTIONS {
             log::info!("vsock: {MAX_CONNECTIONS} connections open: guest request refused");
             self.enqueue_rst(hdr.dst_port, hdr.src_port);
@@ -492,7 +500,10 @@ impl Muxer {
         match connect_nonblocking(&path) {
             Ok(stream) => {
                 log::debug!("vsock: guest port {} connected to {path}", hdr.src_port);
-                self.add(Conn::peer_init(stream, hdr.dst_port, hdr.src_port, hdr));
+                self.add(
+                    Conn::peer_init(stream, hdr.dst_port, hdr.src_port, hdr),
+                    interest,
+                );
             }
             Err(e) => {
                 log::debug!("vsock: guest connection to {path} refused: {e}");
@@ -502,7 +513,11 @@ impl Muxer {
     }
 
     /// The next packet for the guest, its payload read into `buf`.
-    pub fn recv_pkt(&mut self, buf: &mut [u8]) -> Option<(Header, usize)> {
+    pub fn recv_pkt(
+        &mut self,
+        buf: &mut [u8],
+        interest: &mut dyn Interest,
+    ) -> Option<(Header, usize)> {
         if let Some((local, peer)) = self.rsts.pop_front() {
             let h = Header {
                 src_cid: HOST_CID,
@@ -521,20 +536,20 @@ impl Muxer {
             };
             let before = c.state();
             let Some(pkt): Option<RxPacket> = c.recv_pkt(buf) else {
-                self.update_interest(key);
+                self.update_interest(key, interest);
                 continue;
             };
             let hdr = c.header(self.guest_cid, pkt);
             if pkt.op == OP_RST {
-                self.remove(key);
+                self.remove(key, interest);
             } else {
                 if c.has_pending_rx() {
                     self.rxq.push_back(key);
                 }
                 if before == State::Killed {
-                    self.remove(key);
+                    self.remove(key, interest);
                 } else {
-                    self.update_interest(key);
+                    self.update_interest(key, interest);
                 }
             }
             return Some((hdr, pkt.len));
@@ -543,7 +558,7 @@ impl Muxer {
     }
 
     /// Resets connections whose request or shutdown timed out.
-    fn expire(&mut self) {
+    fn expire(&mut self, interest: &mut dyn Interest) {
         let now = Instant::now();
         let expired: Vec<Key> = self
             .conns
@@ -553,7 +568,7 @@ impl Muxer {
             .collect();
         for key in expired {
             log::debug!("vsock: {}:{} timed out; reset", key.0, key.1);
-            self.mutate(key, |c| c.kill());
+            self.mutate(key, |c| c.kill(), interest);
         }
     }
 
@@ -642,6 +657,7 @@ fn connect_nonblocking(path: &str) -> std::io::Result<UnixStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::testing::TestLoop;
 
     #[test]
     fn connect_lines() {
@@ -669,14 +685,15 @@ mod tests {
     }
 
     /// Runs the muxer's events until `done` says so (the host client is another socket).
-    fn pump(m: &mut Muxer, mut done: impl FnMut(&mut Muxer) -> bool) {
+    fn pump(m: &mut Muxer, lp: &mut TestLoop, mut done: impl FnMut(&mut Muxer) -> bool) {
         // Up to 10 s: the request timeout under test is 2 s.
         for _ in 0..2000 {
-            m.process_events();
+            for (source, ev) in lp.wait(5) {
+                m.process_event(source, ev, lp);
+            }
             if done(m) {
                 return;
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
         }
         panic!("the muxer never got there");
     }
@@ -699,23 +716,24 @@ mod tests {
         use std::io::Write;
         let (dir, path) = temp_path("hostconn");
         let mut m = Muxer::new(3, &path).unwrap();
+        let lp = &mut TestLoop::new(m.event_sources());
         let mut buf = vec![0u8; 4096];
         // The line may arrive in pieces.
         let mut client = UnixStream::connect(&path).unwrap();
         client.write_all(b"conn").unwrap();
-        pump(&mut m, |m| !m.preambles.is_empty());
+        pump(&mut m, lp, |m| !m.preambles.is_empty());
         client.write_all(b"ect 52\n").unwrap();
-        pump(&mut m, |m| m.has_rx());
-        let (h, len) = m.recv_pkt(&mut buf).unwrap();
+        pump(&mut m, lp, |m| m.has_rx());
+        let (h, len) = m.recv_pkt(&mut buf, lp).unwrap();
         assert_eq!(
             (h.op, h.src_port, h.dst_port, h.dst_cid, len),
             (OP_REQUEST, 1 << 30, 52, 3, 0)
         );
-        m.send_pkt(&guest(OP_RESPONSE, 52, 1 << 30), &[]);
+        m.send_pkt(&guest(OP_RESPONSE, 52, 1 << 30), &[], lp);
         let mut line = [0u8; 14];
         client.read_exact(&mut line).unwrap();
         assert_eq!(&line, b"OK 1073741824\n");
-        m.send_pkt(&guest(OP_RW, 52, 1 << 30), b"");
+        m.send_pkt(&guest(OP_RW, 52, 1 << 30), b"", lp);
         m.send_pkt(
             &{
                 let mut h = guest(OP_RW, 52, 1 << 30);
@@ -723,6 +741,7 @@ mod tests {
                 h
             },
             b"abc",
+            lp,
         );
         let mut got = [0u8; 3];
         client.read_exact(&mut got).unwrap();
@@ -732,13 +751,13 @@ mod tests {
         // closed and the guest gets an RST.
         let mut silent = UnixStream::connect(&path).unwrap();
         silent.write_all(b"CONNECT 53\n").unwrap();
-        pump(&mut m, |m| m.has_rx());
-        let (h, _) = m.recv_pkt(&mut buf).unwrap();
+        pump(&mut m, lp, |m| m.has_rx());
+        let (h, _) = m.recv_pkt(&mut buf, lp).unwrap();
         assert_eq!((h.op, h.dst_port), (OP_REQUEST, 53));
         m.arm_timer();
         assert!(m.timer_at.is_some());
-        pump(&mut m, |m| m.has_rx());
-        let (h, _) = m.recv_pkt(&mut buf).unwrap();
+        pump(&mut m, lp, |m| m.has_rx());
+        let (h, _) = m.recv_pkt(&mut buf, lp).unwrap();
         assert_eq!((h.op, h.dst_port), (OP_RST, 53));
         let mut rest = Vec::new();
         silent.read_to_end(&mut rest).unwrap();
@@ -746,15 +765,15 @@ mod tests {
         assert_eq!(m.connection_count(), 1);
 
         // Packets for no connection are answered with an RST; an RST is not.
-        m.send_pkt(&guest(OP_RW, 9, 9), &[]);
-        m.send_pkt(&guest(OP_RST, 9, 10), &[]);
-        let (h, _) = m.recv_pkt(&mut buf).unwrap();
+        m.send_pkt(&guest(OP_RW, 9, 9), &[], lp);
+        m.send_pkt(&guest(OP_RST, 9, 10), &[], lp);
+        let (h, _) = m.recv_pkt(&mut buf, lp).unwrap();
         assert_eq!((h.op, h.src_port, h.dst_port), (OP_RST, 9, 9));
-        assert!(m.recv_pkt(&mut buf).is_none());
+        assert!(m.recv_pkt(&mut buf, lp).is_none());
         // A packet from another CID is dropped.
         let mut h = guest(OP_REQUEST, 1, 2);
         h.src_cid = 4;
-        m.send_pkt(&h, &[]);
+        m.send_pkt(&h, &[], lp);
         assert!(!m.has_rx());
         drop(m);
         std::fs::remove_dir_all(&dir).unwrap();
