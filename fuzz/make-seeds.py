@@ -184,3 +184,53 @@ config_reads = [r(0x100), r(0x104), r(0x100, 5), r(0x10c), r(0x114), r(0x101, 3)
 write("virtio_mmio", "blk-init", bytes([0]) + b"".join(driver_init(1) + config_reads + [w(0x70, 0)]))
 write("virtio_mmio", "blk-ro-writeback", bytes([6]) + b"".join(driver_init(1) + [w(0x70, 0x8f)]))
 write("virtio_mmio", "net-init", bytes([1]) + b"".join(driver_init(2) + config_reads + [w(0x70, 0)]))
+
+
+# --- virtio_vsock: flags, host line, RX and TX specs, image, steps ----------------------
+def vsock_hdr(op, src_port, dst_port, length=0, flags=0):
+    # src_cid, dst_cid, src_port, dst_port, len, type (stream), op, flags, buf_alloc, fwd_cnt
+    return struct.pack("<QQIIIHHIII", 3, 2, src_port, dst_port, length, 1, op, flags,
+                       65536, 0)
+
+
+def vsock(packets, steps, host_line=b""):
+    """RX queue at 0 with 8 buffers of 2 KiB in the high region; the TX queue's table and
+    rings at 0x2800 (TX_BASE), one chain per packet, headers and data from 0x800."""
+    rx = image(8, [desc(0x10000 + 0x800 * i, 0x800, WRITE) for i in range(8)], list(range(8)))
+    tx_descs, extra = [], []
+    for i, (hdr, data) in enumerate(packets):
+        at = 0x800 + 0x400 * i
+        if data:
+            tx_descs += [desc(at, 44, NEXT, len(tx_descs) + 1), desc(at + 0x100, len(data))]
+            extra += [(at, hdr), (at + 0x100, data)]
+        else:
+            tx_descs.append(desc(at, 44))
+            extra.append((at, hdr))
+    heads, n = [], 0
+    for hdr, data in packets:
+        heads.append(n)
+        n += 2 if data else 1
+    tx = image(16, tx_descs, heads)
+    img = bytearray(rx + bytes(0x2800 - len(rx)) + tx)
+    for addr, data in extra:
+        img[addr: addr + len(data)] = data
+    flags = 1 if host_line else 0
+    return (bytes([flags, len(host_line)]) + host_line + spec(3) + spec(4)
+            + struct.pack("<H", len(img)) + bytes(img) + bytes(steps))
+
+# Steps: 0 kick TX, 5 kick RX, 8 event loop pass, 11 host peers write, 12 read, 13 close,
+# 14 reset.
+OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE = 1, 2, 3, 4, 5, 6
+write("virtio_vsock", "guest-connect-send",
+      vsock([(vsock_hdr(OP_REQUEST, 1000, 1024), b""),
+             (vsock_hdr(OP_RW, 1000, 1024, 5), b"hello"),
+             (vsock_hdr(OP_CREDIT_UPDATE, 1000, 1024), b""),
+             (vsock_hdr(OP_SHUTDOWN, 1000, 1024, 0, 3), b"")],
+            [0, 11, 8, 5, 12, 8, 5, 13, 8, 5]))
+write("virtio_vsock", "host-connect",
+      vsock([(vsock_hdr(OP_RESPONSE, 52, 1 << 30), b""),
+             (vsock_hdr(OP_RW, 52, 1 << 30, 3), b"abc")],
+            [8, 8, 5, 0, 11, 8, 5, 14, 8], b"CONNECT 52\n"))
+write("virtio_vsock", "nobody-and-rst",
+      vsock([(vsock_hdr(OP_RW, 9, 9), b""), (vsock_hdr(OP_RST, 9, 10), b""),
+             (vsock_hdr(OP_REQUEST, 7, 4242), b"")], [0, 5, 8]))

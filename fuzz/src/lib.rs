@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc;
 
 use ember::devices::virtio::net::tap::NetBackend;
+use ember::devices::virtio::{EventSet, Interest};
 pub use ember::seccomp::ThreadKind;
 pub use ember::vm::memory::GuestMemory;
 use virtio_queue::{Queue, QueueT};
@@ -410,6 +411,73 @@ impl NetBackend for FakeTap {
     }
 
     fn set_offload(&mut self, _flags: libc::c_uint) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The VMM thread's event loop as a device sees it: a real epoll set the device adds its
+/// fds to through `Interest`. Like event-manager it keeps a table by fd and refuses an fd
+/// it already holds, so a device that closes a registered fd and reuses its number fails.
+pub struct FuzzLoop {
+    epoll: vmm_sys_util::epoll::Epoll,
+    fds: std::collections::BTreeSet<RawFd>,
+}
+
+impl FuzzLoop {
+    /// A loop watching `sources` (a device's `event_sources`) for input.
+    pub fn new(sources: Vec<(RawFd, u16)>) -> FuzzLoop {
+        let mut l = FuzzLoop {
+            epoll: vmm_sys_util::epoll::Epoll::new().expect("epoll_create"),
+            fds: Default::default(),
+        };
+        for (fd, source) in sources {
+            l.add(fd, source, EventSet::IN).expect("a fixed source");
+        }
+        l
+    }
+
+    /// The fds registered now.
+    pub fn fds(&self) -> Vec<RawFd> {
+        self.fds.iter().copied().collect()
+    }
+
+    /// What is ready, waiting up to `ms` milliseconds.
+    pub fn wait(&self, ms: i32) -> Vec<(u16, EventSet)> {
+        let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 64];
+        let n = self.epoll.wait(ms, &mut events).unwrap_or(0);
+        events
+            .iter()
+            .take(n)
+            .map(|e| (e.data() as u16, e.event_set()))
+            .collect()
+    }
+}
+
+impl Interest for FuzzLoop {
+    fn add(&mut self, fd: RawFd, source: u16, events: EventSet) -> io::Result<()> {
+        if self.fds.contains(&fd) {
+            return Err(io::Error::other("fd already registered"));
+        }
+        let ev = vmm_sys_util::epoll::EpollEvent::new(events, u64::from(source));
+        self.epoll
+            .ctl(vmm_sys_util::epoll::ControlOperation::Add, fd, ev)?;
+        self.fds.insert(fd);
+        Ok(())
+    }
+
+    fn modify(&mut self, fd: RawFd, source: u16, events: EventSet) -> io::Result<()> {
+        let ev = vmm_sys_util::epoll::EpollEvent::new(events, u64::from(source));
+        self.epoll
+            .ctl(vmm_sys_util::epoll::ControlOperation::Modify, fd, ev)
+    }
+
+    fn remove(&mut self, fd: RawFd) -> io::Result<()> {
+        self.epoll.ctl(
+            vmm_sys_util::epoll::ControlOperation::Delete,
+            fd,
+            vmm_sys_util::epoll::EpollEvent::default(),
+        )?;
+        self.fds.remove(&fd);
         Ok(())
     }
 }
