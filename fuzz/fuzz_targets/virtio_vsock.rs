@@ -20,8 +20,7 @@ use ember::devices::ioapic::IrqLine;
 use ember::devices::virtio::vsock::{QUEUE_SIZE as QUEUE_MAX, Vsock};
 use ember::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use ember_fuzz::{
-    Confined, FuzzLoop, GuestMemory, Input, QueueSpec, ThreadKind, guest_memory,
-    load_image,
+    Confined, FuzzLoop, GuestMemory, Input, QueueSpec, ThreadKind, guest_memory, load_image,
 };
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
@@ -190,8 +189,7 @@ fn accept_all(host: &UnixListener, peers: &mut Vec<UnixStream>) {
 /// The same queue with its table and rings from `TX_BASE`, so RX and TX do not share them.
 fn moved(mut q: Queue, spec: &QueueSpec, mem: &GuestMemory) -> Queue {
     q.set_ready(false);
-    q.try_set_desc_table_address(GuestAddress(TX_BASE))
-        .unwrap();
+    q.try_set_desc_table_address(GuestAddress(TX_BASE)).unwrap();
     q.try_set_avail_ring_address(GuestAddress(TX_BASE + spec.avail_ring()))
         .unwrap();
     q.try_set_used_ring_address(GuestAddress(TX_BASE + spec.used_ring()))
@@ -200,4 +198,3 @@ fn moved(mut q: Queue, spec: &QueueSpec, mem: &GuestMemory) -> Queue {
     assert!(q.is_valid(mem));
     q
 }
-
