@@ -11,7 +11,7 @@ use virtio_queue::{Queue, QueueT};
 
 pub use disk::{BlockMetrics, CONFIG_LEN, Disk, QUEUE_SIZE, SECTOR_SHIFT, SECTOR_SIZE};
 
-use super::{ActivateError, Interest, VirtioDevice, VirtioError, VirtioInterrupt, Work};
+use super::{ActivateError, EventSet, Interest, VirtioDevice, VirtioError, VirtioInterrupt, Work};
 use crate::config::drive::DriveConfig;
 use crate::config::rate_limiter::RateLimiterConfig;
 use crate::devices::rate_limiter::RateLimiter;
@@ -130,7 +130,7 @@ impl VirtioDevice for Block {
     }
 
     /// The rate limiter's timer fired: serve what it held back.
-    fn process_event(&mut self, source: u16, interest: &mut dyn Interest) -> Work {
+    fn process_event(&mut self, source: u16, _: EventSet, interest: &mut dyn Interest) -> Work {
         if source != SOURCE_LIMITER {
             return Work::Done;
         }

@@ -765,7 +765,7 @@ mod tests {
         net.update_rate_limiters(&[Some(one_per_s), Some(one_per_s)]);
         let mut lp = TestLoop::new(&net);
         activate(&mut net, &mem, &evt, bit(VIRTIO_F_VERSION_1));
-        net.process_event(SOURCE_WAKE, &mut lp);
+        net.process_event(SOURCE_WAKE, EventSet::IN, &mut lp);
         let mut tx = vq(&mem, 1);
         for i in 0..2u16 {
             let fr = frame(format!("tx{i}").as_bytes());
@@ -781,7 +781,7 @@ mod tests {
         // The timer wakes the loop; its event sends the held frame.
         let ev = wait_event(&lp);
         assert_eq!(ev, u64::from(SOURCE_TX_LIMITER));
-        net.process_event(SOURCE_TX_LIMITER, &mut lp);
+        net.process_event(SOURCE_TX_LIMITER, EventSet::IN, &mut lp);
         assert_eq!(tx.used_idx(&mem), 2);
         assert!(peer.recv(&mut got).is_ok());
 
@@ -799,7 +799,7 @@ mod tests {
         assert_eq!(get(&net.frames.metrics.rx_rate_limiter_throttled), 1);
         let ev = wait_event(&lp);
         assert_eq!(ev, u64::from(SOURCE_RX_LIMITER));
-        net.process_event(SOURCE_RX_LIMITER, &mut lp);
+        net.process_event(SOURCE_RX_LIMITER, EventSet::IN, &mut lp);
         assert_eq!(rx.used_idx(&mem), 2);
         assert_eq!(read(&mem, buf(1) + 26, 1), b"b");
     }
