@@ -66,7 +66,7 @@ const LDFLAGS: &[&str] = &[
     "-Wl,-z,noexecstack",
 ];
 
-/// Mnemonics the PVM host cannot run in a guest (see /work/shared/ENVIRONMENT.md), plus
+/// Mnemonics the PVM host cannot run in a guest (docs/ARCHITECTURE.md, host notes), plus
 /// traps that would hide a real fault in a test.
 const FORBIDDEN_MNEMONICS: &[&str] = &[
     "xsave", "xsaveopt", "xsavec", "xsaves", "xrstor", "xrstors", "popcnt", "clac", "stac", "int3",

@@ -238,7 +238,7 @@ fn write_boot_data(
     if pvm {
         // PVM runs guest kernel code without CPUID faulting on some hosts, so the CPUID
         // masks alone may not reach the guest: the boot arguments make Linux avoid the
-        // instructions PVM cannot emulate (see ENVIRONMENT.md) whatever CPUID says.
+        // instructions PVM cannot emulate (see docs/ARCHITECTURE.md, host notes) whatever CPUID says.
         additions.extend(PVM_BOOT_ARGS.iter().map(|a| a.to_string()));
         log::info!(
             "PVM host (/sys/module/kvm_pvm): hiding {} in the guest's CPUID and adding `{}` to the command line",

@@ -1,6 +1,6 @@
 //! Issue 14: the engines built on Firecracker, replayed against a real ember booting the
 //! test guest. Each test starts ember the way that engine's source starts Firecracker
-//! (/work/shared/ENGINES.md), makes its calls in its order and checks what it checks.
+//! (the README's engines section says which), makes its calls in its order and checks what it checks.
 //! Calls that need devices ember does not have yet (vsock, MMDS, rate limiters, CPU
 //! templates) are left out and named in each test.
 

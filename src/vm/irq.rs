@@ -1,8 +1,8 @@
 //! Interrupts: a split irqchip.
 //!
-//! Why: ENVIRONMENT.md measures 15-25 ms added to every VM teardown by KVM's full
-//! in-kernel irqchip (PIC + IOAPIC, and more with the PIT). ember exists for VM churn, so
-//! it keeps only the LAPIC in KVM (KVM_CAP_SPLIT_IRQCHIP, teardown ~0.2 ms) and emulates
+//! Why: a full in-kernel irqchip (PIC + IOAPIC, and more with the PIT) adds 15-25 ms to
+//! every VM teardown on our hosts (docs/ARCHITECTURE.md, host notes). ember exists for VM
+//! churn, so it keeps only the LAPIC in KVM (KVM_CAP_SPLIT_IRQCHIP, teardown ~0.2 ms) and emulates
 //! the IOAPIC itself (`devices::ioapic`). There is no PIC and no PIT: the guest keeps time
 //! with kvmclock and the LAPIC TSC-deadline timer (see cpuid.rs).
 

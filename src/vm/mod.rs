@@ -8,7 +8,7 @@ pub mod memory;
 pub mod mptable;
 pub mod regs;
 
-/// True on a PVM host (KVM served by the kvm_pvm module, see ENVIRONMENT.md): guests need
+/// True on a PVM host (KVM served by the kvm_pvm module, see docs/ARCHITECTURE.md): guests need
 /// some CPU features hidden there.
 pub fn is_pvm_host() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
