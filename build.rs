@@ -25,6 +25,8 @@ const GUEST_SOURCES: &[&str] = &[
     "virtio.c",
     "blk.c",
     "net.c",
+    "rng.c",
+    "balloon.c",
     "blkbench.c",
     "netbench.c",
     "hostile.c",

@@ -6,8 +6,9 @@ use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{
-    BootSourceConfig, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, MmdsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
+    BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, DriveConfig, DriveUpdate,
+    EntropyDeviceConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, MmdsConfig,
+    NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VsockConfig,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +46,17 @@ pub enum Action {
     /// PATCH /mmds: a JSON merge patch.
     PatchMmds(serde_json::Value),
     PutMmdsConfig(MmdsConfig),
+    /// GET /balloon
+    GetBalloon,
+    /// GET /balloon/statistics
+    GetBalloonStats,
+    PutBalloon(BalloonConfig),
+    /// PATCH /balloon: a new target size (after start).
+    PatchBalloon(BalloonUpdate),
+    /// PATCH /balloon/statistics: a new polling interval (after start).
+    PatchBalloonStats(BalloonStatsUpdate),
+    PutEntropy(EntropyDeviceConfig),
+    PutSerial(SerialConfig),
 }
 
 /// A successful answer: 204 with no body, or 200 with a JSON body.

@@ -70,6 +70,7 @@ impl BuildError {
                 | VirtioError::Tap { .. }
                 | VirtioError::Vsock { .. },
             ))
+            | BuildError::Devices(DeviceError::SerialOut { .. })
             | BuildError::Memory(memory::MemoryError::TooLarge(_))
             | BuildError::Memory(memory::MemoryError::Mmap { .. }) => exit_code::BAD_CONFIGURATION,
             _ => exit_code::GENERIC_ERROR,
@@ -200,12 +201,22 @@ fn create_devices(
     reset_evt: &EventFd,
 ) -> Result<DeviceManager, BuildError> {
     let mut devices = DeviceManager::new(vm.clone(), mem.clone())?;
-    devices.add_legacy_devices(reset_evt, opts.boot_timer)?;
+    let serial_out = config
+        .serial
+        .as_ref()
+        .and_then(|s| s.serial_out_path.as_deref());
+    devices.add_legacy_devices(reset_evt, opts.boot_timer, serial_out)?;
     devices.add_drives(&config.drives)?;
     let mmds = config.mmds_config.as_ref().map(|c| (c, &opts.mmds));
     devices.add_network_interfaces(&config.network_interfaces, mmds)?;
     if let Some(v) = &config.vsock {
         devices.add_vsock(v)?;
+    }
+    if let Some(b) = &config.balloon {
+        devices.add_balloon(b)?;
+    }
+    if let Some(e) = &config.entropy {
+        devices.add_entropy(e)?;
     }
     if log::log_enabled!(log::Level::Debug) {
         for d in devices.devices() {

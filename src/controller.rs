@@ -17,6 +17,7 @@ const NOT_AFTER_START: &str =
     "The requested operation is not supported after starting the microVM.";
 const NOT_BEFORE_START: &str =
     "The requested operation is not supported before starting the microVM.";
+const NO_BALLOON: &str = "No balloon device found.";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -333,6 +334,73 @@ impl Controller {
                     vmm.pause();
                     self.state = State::Paused;
                 }
+                Ok(ActionOk::NoContent)
+            }
+            Action::GetBalloon => match &self.config.balloon {
+                Some(b) => Ok(ActionOk::Json(serde_json::to_string(b).map_err(bad)?)),
+                None => Err(ActionError::bad_request(NO_BALLOON)),
+            },
+            Action::GetBalloonStats => {
+                let vmm = self.running()?;
+                let state = vmm.devices.balloon().ok_or_else(|| bad(NO_BALLOON))?;
+                let report = state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .stats_report()
+                    .map_err(bad)?;
+                Ok(ActionOk::Json(serde_json::to_string(&report).map_err(bad)?))
+            }
+            Action::PutBalloon(b) => {
+                self.pre_boot()?;
+                b.validate(self.config.machine_config.mem_size_mib as u64)
+                    .map_err(bad)?;
+                self.config.balloon = Some(b);
+                Ok(ActionOk::NoContent)
+            }
+            Action::PatchBalloon(u) => {
+                let vmm = self.running()?;
+                let state = vmm.devices.balloon().ok_or_else(|| bad(NO_BALLOON))?;
+                if config::balloon::check_amount(
+                    u.amount_mib,
+                    self.config.machine_config.mem_size_mib as u64,
+                )
+                .is_err()
+                {
+                    return Err(bad("Amount of pages requested is too large."));
+                }
+                state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .set_target_mib(u.amount_mib);
+                vmm.devices.balloon_config_changed();
+                if let Some(b) = self.config.balloon.as_mut() {
+                    b.amount_mib = u.amount_mib;
+                }
+                Ok(ActionOk::NoContent)
+            }
+            Action::PatchBalloonStats(u) => {
+                let vmm = self.running()?;
+                let state = vmm.devices.balloon().ok_or_else(|| bad(NO_BALLOON))?;
+                state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .set_stats_interval(u.stats_polling_interval_s)
+                    .map_err(bad)?;
+                if let Some(b) = self.config.balloon.as_mut() {
+                    b.stats_polling_interval_s = u.stats_polling_interval_s;
+                }
+                Ok(ActionOk::NoContent)
+            }
+            Action::PutEntropy(e) => {
+                self.pre_boot()?;
+                e.validate().map_err(bad)?;
+                self.config.entropy = Some(e);
+                Ok(ActionOk::NoContent)
+            }
+            Action::PutSerial(s) => {
+                self.pre_boot()?;
+                s.validate().map_err(bad)?;
+                self.config.serial = Some(s);
                 Ok(ActionOk::NoContent)
             }
             Action::Resume => {

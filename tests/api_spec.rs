@@ -188,6 +188,11 @@ fn body_definitions_match_the_config_types() {
     check_definition::<MetricsConfig>(&defs, "Metrics");
     check_definition::<VsockConfig>(&defs, "Vsock");
     check_definition::<MmdsConfig>(&defs, "MmdsConfig");
+    check_definition::<BalloonConfig>(&defs, "Balloon");
+    check_definition::<BalloonUpdate>(&defs, "BalloonUpdate");
+    check_definition::<BalloonStatsUpdate>(&defs, "BalloonStatsUpdate");
+    check_definition::<EntropyDeviceConfig>(&defs, "EntropyDevice");
+    check_definition::<SerialConfig>(&defs, "SerialDevice");
 }
 
 #[test]
@@ -200,4 +205,27 @@ fn the_parser_sees_the_whole_spec() {
     let defs = spec_definitions();
     assert!(defs["Vm"].contains("state"));
     assert!(defs["Error"].contains("fault_message"));
+}
+
+/// GET /balloon/statistics answers with every field the spec lists (once the guest has
+/// reported every tag).
+#[test]
+fn balloon_statistics_match_the_spec() {
+    use ember::devices::virtio::balloon::{BalloonStatsReport, GuestStats};
+    let mut guest = GuestStats::default();
+    for tag in 0..16 {
+        guest.update(tag, 1);
+    }
+    let report = BalloonStatsReport {
+        guest,
+        ..Default::default()
+    };
+    let fields: BTreeSet<String> = serde_json::to_value(&report)
+        .unwrap()
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(spec_definitions()["BalloonStats"], fields);
 }

@@ -9,8 +9,9 @@ use serde::de::DeserializeOwned;
 
 use crate::action::{Action, ActionError};
 use crate::config::{
-    BootSourceConfig, DriveConfig, DriveUpdate, LoggerConfig, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, MmdsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, VsockConfig,
+    BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, DriveConfig, DriveUpdate,
+    EntropyDeviceConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, MmdsConfig,
+    NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VsockConfig,
 };
 
 /// Path segments captured by `{name}` in a template, in order.
@@ -47,6 +48,25 @@ pub const ROUTES: &[Route] = &[
     r("PUT", "/mmds", put_mmds),
     r("PATCH", "/mmds", patch_mmds),
     r("PUT", "/mmds/config", put_mmds_config),
+    r("GET", "/balloon", |_, _| Ok(Action::GetBalloon)),
+    r("PUT", "/balloon", |_, b| {
+        parse::<BalloonConfig>(b).map(Action::PutBalloon)
+    }),
+    r("PATCH", "/balloon", |_, b| {
+        parse::<BalloonUpdate>(b).map(Action::PatchBalloon)
+    }),
+    r("GET", "/balloon/statistics", |_, _| {
+        Ok(Action::GetBalloonStats)
+    }),
+    r("PATCH", "/balloon/statistics", |_, b| {
+        parse::<BalloonStatsUpdate>(b).map(Action::PatchBalloonStats)
+    }),
+    r("PUT", "/entropy", |_, b| {
+        parse::<EntropyDeviceConfig>(b).map(Action::PutEntropy)
+    }),
+    r("PUT", "/serial", |_, b| {
+        parse::<SerialConfig>(b).map(Action::PutSerial)
+    }),
 ];
 
 const fn r(method: &'static str, path: &'static str, handler: Handler) -> Route {
@@ -60,12 +80,9 @@ const fn r(method: &'static str, path: &'static str, handler: Handler) -> Route 
 /// Firecracker endpoints (by first path segment) for what ember does not implement, and
 /// the feature to name in the refusal. Not routes: they are absent from the OpenAPI spec.
 pub const UNSUPPORTED: &[(&str, &str)] = &[
-    ("balloon", "the balloon device"),
-    ("entropy", "the entropy (virtio-rng) device"),
     ("snapshot", "snapshots"),
     ("cpu-config", "custom CPU templates"),
     ("hotplug", "memory hotplug"),
-    ("serial", "serial output configuration"),
     ("pmem", "the pmem device"),
     ("vfio", "device passthrough"),
 ];
@@ -486,19 +503,59 @@ mod tests {
     #[test]
     fn unsupported_devices() {
         for (m, p) in [
-            ("GET", "/balloon"),
-            ("GET", "/balloon/statistics"),
-            ("PUT", "/entropy"),
             ("PUT", "/snapshot/create"),
             ("PUT", "/snapshot/load"),
             ("PUT", "/cpu-config"),
             ("PUT", "/hotplug/memory"),
-            ("PUT", "/serial"),
             ("PUT", "/pmem/p0"),
         ] {
             let e = err(m, p, "{}");
             assert!(e.contains("ember does not support"), "{m} {p}: {e}");
         }
+    }
+
+    #[test]
+    fn balloon_entropy_serial() {
+        assert_eq!(
+            ok(
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib": 8, "deflate_on_oom": false}"#
+            ),
+            Action::PutBalloon(BalloonConfig {
+                amount_mib: 8,
+                ..Default::default()
+            })
+        );
+        assert_eq!(
+            ok("PATCH", "/balloon", r#"{"amount_mib": 2}"#),
+            Action::PatchBalloon(BalloonUpdate { amount_mib: 2 })
+        );
+        assert_eq!(ok("GET", "/balloon", ""), Action::GetBalloon);
+        assert_eq!(
+            ok("GET", "/balloon/statistics", ""),
+            Action::GetBalloonStats
+        );
+        assert_eq!(
+            ok(
+                "PATCH",
+                "/balloon/statistics",
+                r#"{"stats_polling_interval_s": 3}"#
+            ),
+            Action::PatchBalloonStats(BalloonStatsUpdate {
+                stats_polling_interval_s: 3
+            })
+        );
+        assert!(err("PATCH", "/balloon", r#"{"amount_mib": -1}"#).contains("invalid value"));
+        assert_eq!(
+            ok("PUT", "/entropy", "{}"),
+            Action::PutEntropy(EntropyDeviceConfig::default())
+        );
+        assert!(matches!(
+            ok("PUT", "/serial", r#"{"serial_out_path": "/tmp/s"}"#),
+            Action::PutSerial(_)
+        ));
+        assert!(err("PUT", "/serial", r#"{"path": "/tmp/s"}"#).contains("unknown field"));
     }
 
     #[test]

@@ -4,28 +4,34 @@
 //! Validation here is what can be checked without touching the host (ranges, names,
 //! unsupported features); opening files and TAP devices is the builder's job.
 
+pub mod balloon;
 pub mod boot_source;
 pub mod drive;
+pub mod entropy;
 pub mod logger;
 pub mod machine_config;
 pub mod metrics;
 pub mod mmds;
 pub mod net;
 pub mod rate_limiter;
+pub mod serial;
 pub mod unsupported;
 pub mod vsock;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use balloon::{BalloonConfig, BalloonError, BalloonStatsUpdate, BalloonUpdate};
 pub use boot_source::{BootSourceConfig, BootSourceError};
 pub use drive::{CacheType, DriveConfig, DriveError, DriveUpdate, IoEngine};
+pub use entropy::{EntropyDeviceConfig, EntropyError};
 pub use logger::{LogLevel, LoggerConfig, LoggerConfigError};
 pub use machine_config::{MachineConfig, MachineConfigError, MachineConfigUpdate};
 pub use metrics::{MetricsConfig, MetricsConfigError};
 pub use mmds::{MmdsConfig, MmdsConfigError, MmdsVersion};
 pub use net::{MacAddr, NetError, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+pub use serial::{SerialConfig, SerialConfigError};
 pub use unsupported::{UnsupportedError, UnsupportedValue};
 pub use vsock::{VsockConfig, VsockConfigError};
 
@@ -64,21 +70,21 @@ pub struct VmConfig {
     pub metrics: Option<MetricsConfig>,
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    #[serde(default)]
+    pub balloon: Option<BalloonConfig>,
+    #[serde(default)]
+    pub entropy: Option<EntropyDeviceConfig>,
+    /// Firecracker leaves `serial` out of `GET /vm/config` when it is not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<SerialConfig>,
 
     // Firecracker resources ember does not implement: see unsupported.rs.
-    #[serde(default)]
-    pub balloon: UnsupportedValue,
     #[serde(rename = "mmds-config", default)]
     pub mmds_config: Option<MmdsConfig>,
-    #[serde(default)]
-    pub entropy: UnsupportedValue,
     #[serde(rename = "cpu-config", default)]
     pub cpu_config: UnsupportedValue,
     #[serde(rename = "memory-hotplug", default)]
     pub memory_hotplug: UnsupportedValue,
-    /// Firecracker leaves `serial` out of `GET /vm/config`.
-    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
-    pub serial: UnsupportedValue,
     #[serde(default, serialize_with = "empty_list_when_unset")]
     pub pmem: UnsupportedValue,
 }
@@ -104,6 +110,9 @@ const SECTIONS: &[&str] = &[
     "metrics",
     "vsock",
     "mmds-config",
+    "balloon",
+    "entropy",
+    "serial",
 ];
 
 /// Every message names the offending field by its path in the config file
@@ -127,7 +136,7 @@ pub enum ConfigError {
     #[error("network-interfaces[{index}].{source}")]
     NetworkInterface { index: usize, source: NetError },
     #[error(
-        "drives, network-interfaces and vsock: {count} devices configured, at most \
+        "drives, network-interfaces, vsock, balloon and entropy: {count} devices configured, at most \
          {VIRTIO_MMIO_MAX_DEVICES} are supported"
     )]
     TooManyDevices { count: usize },
@@ -139,6 +148,12 @@ pub enum ConfigError {
     Vsock(#[from] VsockConfigError),
     #[error("mmds-config: {0}")]
     Mmds(#[from] MmdsConfigError),
+    #[error("balloon.{0}")]
+    Balloon(#[from] BalloonError),
+    #[error("entropy.{0}")]
+    Entropy(#[from] EntropyError),
+    #[error("serial.{0}")]
+    Serial(#[from] SerialConfigError),
     #[error(transparent)]
     Unsupported(#[from] UnsupportedError),
 }
@@ -209,8 +224,11 @@ impl VmConfig {
             .map_err(|(index, source)| ConfigError::Drive { index, source })?;
         net::validate_network_interfaces(&self.network_interfaces)
             .map_err(|(index, source)| ConfigError::NetworkInterface { index, source })?;
-        let count =
-            self.drives.len() + self.network_interfaces.len() + usize::from(self.vsock.is_some());
+        let count = self.drives.len()
+            + self.network_interfaces.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.balloon.is_some())
+            + usize::from(self.entropy.is_some());
         if u64::try_from(count).map_or(true, |c| c > VIRTIO_MMIO_MAX_DEVICES) {
             return Err(ConfigError::TooManyDevices { count });
         }
@@ -226,12 +244,18 @@ impl VmConfig {
         if let Some(m) = &self.mmds_config {
             m.validate(&self.network_interfaces)?;
         }
+        if let Some(b) = &self.balloon {
+            b.validate(self.machine_config.mem_size_mib as u64)?;
+        }
+        if let Some(e) = &self.entropy {
+            e.validate()?;
+        }
+        if let Some(s) = &self.serial {
+            s.validate()?;
+        }
         for (name, value) in [
-            ("balloon", &self.balloon),
-            ("entropy", &self.entropy),
             ("cpu-config", &self.cpu_config),
             ("memory-hotplug", &self.memory_hotplug),
-            ("serial", &self.serial),
             ("pmem", &self.pmem),
         ] {
             value.check(name)?;
@@ -305,6 +329,9 @@ fn locate_json_error(text: &str, err: &serde_json::Error) -> Option<String> {
             "boot-source" => consider(key.clone(), fails_as::<BootSourceConfig>(value)),
             "machine-config" => consider(key.clone(), fails_as::<Option<MachineConfig>>(value)),
             "logger" => consider(key.clone(), fails_as::<Option<LoggerConfig>>(value)),
+            "balloon" => consider(key.clone(), fails_as::<Option<BalloonConfig>>(value)),
+            "entropy" => consider(key.clone(), fails_as::<Option<EntropyDeviceConfig>>(value)),
+            "serial" => consider(key.clone(), fails_as::<Option<SerialConfig>>(value)),
             "metrics" => consider(key.clone(), fails_as::<Option<MetricsConfig>>(value)),
             "vsock" => consider(key.clone(), fails_as::<Option<VsockConfig>>(value)),
             "mmds-config" => consider(key.clone(), fails_as::<Option<MmdsConfig>>(value)),
@@ -608,14 +635,8 @@ mod tests {
     #[test]
     fn unsupported_resources() {
         for (key, value) in [
-            ("balloon", r#"{"amount_mib": 64, "deflate_on_oom": true}"#),
-            (
-                "entropy",
-                r#"{"rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}"#,
-            ),
             ("cpu-config", r#""/templates/t2.json""#),
             ("memory-hotplug", r#"{"total_size_mib": 1024}"#),
-            ("serial", r#"{"serial_out_path": "/s"}"#),
             ("pmem", r#"[{"id": "p", "path_on_host": "/p"}]"#),
         ] {
             let e = err(&with(&format!(r#""{key}": {value}"#)));
@@ -630,7 +651,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(unsupported::UNSUPPORTED_RESOURCES.len(), 6);
+        assert_eq!(unsupported::UNSUPPORTED_RESOURCES.len(), 3);
     }
 
     #[test]
@@ -666,6 +687,36 @@ mod tests {
     }
 
     #[test]
+    fn balloon_entropy_and_serial_sections() {
+        let c = VmConfig::from_json(&with(
+            r#""balloon": {"amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 1},
+               "entropy": {}, "serial": {"serial_out_path": "/s"}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.balloon.as_ref().map(|b| b.amount_mib), Some(64));
+        assert!(c.entropy.is_some());
+        assert_eq!(VmConfig::from_json(&c.to_json()).unwrap(), c);
+        // Larger than the default 128 MiB of guest memory.
+        let e = err(&with(
+            r#""balloon": {"amount_mib": 129, "deflate_on_oom": false}"#,
+        ));
+        assert_eq!(
+            e,
+            "balloon.amount_mib: Requested memory should be less than 128MiB"
+        );
+        let e = err(&with(
+            r#""entropy": {"rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}"#,
+        ));
+        assert!(e.starts_with("entropy.rate_limiter: "), "{e}");
+        let e = err(&with(r#""serial": {"serial_out_path": ""}"#));
+        assert_eq!(e, "serial.serial_out_path must not be empty");
+        let e = err(&with(
+            r#""balloon": {"amount_mib": "x", "deflate_on_oom": false}"#,
+        ));
+        assert!(e.starts_with("balloon: invalid type"), "{e}");
+    }
+
+    #[test]
     fn device_limit() {
         let drives: Vec<String> = (0..VIRTIO_MMIO_MAX_DEVICES + 1)
             .map(|i| {
@@ -674,7 +725,9 @@ mod tests {
             .collect();
         let e = err(&with(&format!(r#""drives": [{}]"#, drives.join(","))));
         assert!(
-            e.starts_with("drives, network-interfaces and vsock: 19 devices configured"),
+            e.starts_with(
+                "drives, network-interfaces, vsock, balloon and entropy: 19 devices configured"
+            ),
             "{e}"
         );
     }

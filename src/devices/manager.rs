@@ -16,12 +16,15 @@ use super::bus::{Bus, OverlapError, SharedDevice};
 use super::i8042::I8042;
 use super::ioapic::{Ioapic, IrqError};
 use super::serial::{ConsoleInput, ConsoleOut, SerialDevice};
+use super::virtio::balloon::{Balloon, BalloonState};
+use super::virtio::rng::{Rng, Unlimited};
 use super::virtio::vsock::Vsock;
 use super::virtio::{Block, MmioTransport, Net, VirtioDevice, VirtioError, net::NetMetrics};
 use crate::config::MmdsConfig;
 use crate::config::drive::DriveConfig;
 use crate::config::net::NetworkInterfaceConfig;
 use crate::config::vsock::VsockConfig;
+use crate::config::{BalloonConfig, EntropyDeviceConfig};
 use crate::mmds::SharedMmds;
 use crate::mmds::stack::MmdsStack;
 use crate::vm::layout::{
@@ -41,6 +44,13 @@ pub enum DeviceError {
     Virtio(#[from] VirtioError),
     #[error("cannot create a device eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("cannot create the balloon's statistics timer: {0}")]
+    Timer(std::io::Error),
+    #[error("cannot open the serial output {path}: {source}")]
+    SerialOut {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("devices cannot be added once the vCPUs use the buses")]
     BusesInUse,
 }
@@ -55,6 +65,8 @@ pub enum DeviceKind {
     VirtioBlock,
     VirtioNet,
     VirtioVsock,
+    VirtioRng,
+    VirtioBalloon,
 }
 
 impl DeviceKind {
@@ -67,6 +79,8 @@ impl DeviceKind {
             DeviceKind::VirtioBlock => "virtio-blk",
             DeviceKind::VirtioNet => "virtio-net",
             DeviceKind::VirtioVsock => "virtio-vsock",
+            DeviceKind::VirtioRng => "virtio-rng",
+            DeviceKind::VirtioBalloon => "virtio-balloon",
         }
     }
 }
@@ -112,6 +126,8 @@ pub struct DeviceManager {
     cmdline: Vec<String>,
     /// `root=` and `rw`/`ro`, after the device entries.
     root_cmdline: Vec<String>,
+    /// The balloon's state, shared with its device, for the API.
+    balloon: Option<Arc<Mutex<BalloonState>>>,
 }
 
 impl DeviceManager {
@@ -130,6 +146,7 @@ impl DeviceManager {
             devices: Vec::new(),
             cmdline: Vec::new(),
             root_cmdline: Vec::new(),
+            balloon: None,
         };
         dm.insert(
             DeviceKind::Ioapic,
@@ -193,16 +210,25 @@ impl DeviceManager {
 
     /// The legacy devices: the serial console on stdout/stdin, the i8042 (whose reset
     /// command writes `reset_evt`), and the boot timer if asked for.
+    /// `serial_out` (PUT /serial) replaces stdout as the console's output.
     pub fn add_legacy_devices(
         &mut self,
         reset_evt: &EventFd,
         boot_timer: bool,
+        serial_out: Option<&str>,
     ) -> Result<(), DeviceError> {
         self.check_buses_free()?;
         let input_space = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        let out = match serial_out {
+            Some(path) => ConsoleOut::open_path(path).map_err(|source| DeviceError::SerialOut {
+                path: path.to_string(),
+                source,
+            })?,
+            None => ConsoleOut::stdout(),
+        };
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             self.irq_line(SERIAL_IRQ)?,
-            ConsoleOut::stdout(),
+            out,
             input_space.try_clone().map_err(DeviceError::EventFd)?,
         )));
         self.insert(
@@ -351,6 +377,53 @@ impl DeviceManager {
             config.uds_path
         );
         Ok(())
+    }
+
+    /// The entropy device (virtio-rng), after the network interfaces.
+    pub fn add_entropy(&mut self, _cfg: &EntropyDeviceConfig) -> Result<(), DeviceError> {
+        // A configured rate limiter becomes the device's `EntropyBudget` here; the
+        // config refuses one until token buckets exist.
+        let dev = Rng::new(Box::new(Unlimited));
+        let metrics = dev.metrics.clone();
+        crate::metrics::register_section(Box::new(move || ("entropy".to_string(), metrics.json())));
+        let entry = self.attach_virtio(DeviceKind::VirtioRng, "entropy", Box::new(dev))?;
+        log::info!("entropy: virtio-rng {entry}");
+        Ok(())
+    }
+
+    /// The balloon (virtio-balloon); its state stays reachable for the API.
+    pub fn add_balloon(&mut self, cfg: &BalloonConfig) -> Result<(), DeviceError> {
+        let dev = Balloon::new(cfg).map_err(DeviceError::Timer)?;
+        let state = dev.state();
+        let metrics = state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .metrics
+            .clone();
+        crate::metrics::register_section(Box::new(move || ("balloon".to_string(), metrics.json())));
+        self.balloon = Some(state);
+        let entry = self.attach_virtio(DeviceKind::VirtioBalloon, "balloon", Box::new(dev))?;
+        log::info!("balloon: virtio-balloon {entry}");
+        Ok(())
+    }
+
+    /// The balloon's shared state, if there is a balloon.
+    pub fn balloon(&self) -> Option<&Arc<Mutex<BalloonState>>> {
+        self.balloon.as_ref()
+    }
+
+    /// Tells the balloon's driver that the target changed.
+    pub fn balloon_config_changed(&self) {
+        if let Some(v) = self
+            .virtio
+            .iter()
+            .find(|v| v.kind == DeviceKind::VirtioBalloon)
+        {
+            v.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .config_changed();
+        }
     }
 
     /// What the kernel must be told about the devices: one `virtio_mmio.device=` per
@@ -538,7 +611,7 @@ mod tests {
 
         let reset = EventFd::new(EFD_NONBLOCK).unwrap();
         let mut dm = DeviceManager::new(vm, mem).unwrap();
-        dm.add_legacy_devices(&reset, true).unwrap();
+        dm.add_legacy_devices(&reset, true, None).unwrap();
         dm.add_drives(&drives).unwrap();
 
         let listed: Vec<(DeviceKind, &str, Option<u32>)> = dm

@@ -84,6 +84,21 @@ impl ConsoleOut {
     }
 }
 
+impl ConsoleOut {
+    /// Console output to a file or named pipe (PUT /serial's serial_out_path), opened as
+    /// Firecracker opens it: created if missing, read-write (so opening a pipe without a
+    /// reader does not block) and non-blocking (a full pipe drops output, never the guest).
+    pub fn open_path(path: &str) -> io::Result<ConsoleOut> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .custom_flags_nonblock()
+            .open(path)
+            .map(ConsoleOut::NonBlocking)
+    }
+}
+
 trait NonBlockOpen {
     fn custom_flags_nonblock(&mut self) -> &mut Self;
 }

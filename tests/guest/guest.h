@@ -116,6 +116,9 @@ void hostile_run(const char *cmdline);
 /* blk.c, net.c: one device each, already probed (magic, version, device ID). */
 void blk_test(uint64_t base);
 void net_test(uint64_t base);
+/* rng.c, balloon.c */
+void rng_test(uint64_t base);
+void balloon_test(uint64_t base);
 /* blkbench.c, netbench.c: throughput / latency measurements (README.md). */
 void blk_bench(uint64_t base, const char *cmdline);
 void net_bench(uint64_t base, const char *cmdline);

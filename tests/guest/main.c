@@ -27,6 +27,8 @@
 #define MODE_HOSTILE (1u << 9)
 #define MODE_VSOCK (1u << 10)
 #define MODE_MMDS (1u << 11)
+#define MODE_RNG (1u << 12)
+#define MODE_BALLOON (1u << 13)
 
 /* Where no device lives in ember: an I/O port (QEMU's fw_cfg, absent in ember) and a
  * page inside the MMIO gap above the virtio windows. Both must read as all ones. */
@@ -94,7 +96,7 @@ static unsigned parse_modes(void)
 		{"boottimer", MODE_BOOTTIMER}, {"blk", MODE_BLK}, {"net", MODE_NET},
 		{"flood", MODE_FLOOD}, {"blkbench", MODE_BLKBENCH}, {"netbench", MODE_NETBENCH},
 		{"hostile", MODE_HOSTILE}, {"vsock", MODE_VSOCK},
-		{"mmds", MODE_MMDS},
+		{"mmds", MODE_MMDS}, {"rng", MODE_RNG}, {"balloon", MODE_BALLOON},
 	};
 	unsigned modes = 0;
 	const char *p = NULL;
@@ -440,6 +442,10 @@ void guest_main(const uint8_t *boot_params)
 		virtio_test_all(cmdline, 2);
 	if (modes & MODE_NET)
 		virtio_test_all(cmdline, 1);
+	if (modes & MODE_RNG)
+		virtio_test_all(cmdline, 4);
+	if (modes & MODE_BALLOON)
+		virtio_test_all(cmdline, 5);
 	if (modes & MODE_BLKBENCH)
 		virtio_for_each(cmdline, 2, "blk-bench", blk_bench);
 	if (modes & MODE_NETBENCH)

@@ -211,10 +211,26 @@ static void run_net_test(uint64_t base, const char *cmdline)
 	net_test(base);
 }
 
+static void run_rng_test(uint64_t base, const char *cmdline)
+{
+	(void)cmdline;
+	rng_test(base);
+}
+
+static void run_balloon_test(uint64_t base, const char *cmdline)
+{
+	(void)cmdline;
+	balloon_test(base);
+}
+
 void virtio_test_all(const char *cmdline, uint32_t device_id)
 {
 	if (device_id == 2)
 		virtio_for_each(cmdline, device_id, "blk", run_blk_test);
+	else if (device_id == 4)
+		virtio_for_each(cmdline, device_id, "rng", run_rng_test);
+	else if (device_id == 5)
+		virtio_for_each(cmdline, device_id, "balloon", run_balloon_test);
 	else
 		virtio_for_each(cmdline, device_id, "net", run_net_test);
 }

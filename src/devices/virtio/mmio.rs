@@ -218,10 +218,7 @@ impl MmioTransport {
     /// config generation moves on and a running driver gets a config-change interrupt.
     pub fn update_backing(&mut self, path: &str) -> Result<(), String> {
         if self.device.update_backing(path)? {
-            self.config_generation = self.config_generation.wrapping_add(1);
-            if self.activated {
-                self.interrupt.signal_config_change();
-            }
+            self.config_changed();
         }
         Ok(())
     }
@@ -234,6 +231,15 @@ impl MmioTransport {
     /// Whether the device may serve its queues: running, and neither failed nor broken.
     fn serving(&self) -> bool {
         self.activated && self.status & VIRTIO_CONFIG_S_FAILED == 0 && !self.needs_reset
+    }
+
+    /// The device's configuration space changed on the host's side (a new balloon
+    /// target): the generation moves on and a running driver hears of it.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.activated {
+            self.interrupt.signal_config_change();
+        }
     }
 
     /// Runs queue `index` after a kick, if the device is running.

@@ -10,10 +10,12 @@
 //! taken off a ring and checked; `block/` and `net/` the devices; `testing.rs` the one
 //! virtqueue driver every device's unit tests use.
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod queue;
+pub mod rng;
 #[cfg(test)]
 pub mod testing;
 pub mod vsock;
