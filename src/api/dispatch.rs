@@ -99,9 +99,9 @@ mod tests {
     #[test]
     fn routing_errors_never_reach_the_vmm() {
         let (sender, receiver) = crate::action::channel().unwrap();
-        let r = handle(&req("GET", "/vsock", ""), &sender);
+        let r = handle(&req("GET", "/pmem/p0", ""), &sender);
         assert_eq!(r.status, 400);
-        assert!(r.body.unwrap().contains("vsock"));
+        assert!(r.body.unwrap().contains("pmem"));
         let r = handle(
             &req("PUT", "/machine-config", "{\"vcpu_count\": true}"),
             &sender,

@@ -350,10 +350,10 @@ mod tests {
         ));
         assert_eq!(r.status, 400);
         assert!(r.body.contains("invalid type: boolean `true`"), "{r:?}");
-        let r = c.call("GET /vsock HTTP/1.1\r\n\r\n");
+        let r = c.call("GET /pmem/p0 HTTP/1.1\r\n\r\n");
         assert_eq!(r.status, 400);
         assert!(
-            r.body.contains("ember does not support the vsock device"),
+            r.body.contains("ember does not support the pmem device"),
             "{r:?}"
         );
         let r = c.call("DELETE / HTTP/1.1\r\n\r\n");
