@@ -249,6 +249,11 @@ impl Balloon {
             stats_queue = Some(queue_sizes.len());
             queue_sizes.push(QUEUE_SIZE);
             let mut t = TimerFd::new().map_err(std::io::Error::from)?;
+            // Non-blocking: reading it when it has not fired must not stall the event loop.
+            // SAFETY: fcntl on the timer's own descriptor; the result is checked.
+            if unsafe { libc::fcntl(t.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             arm(&mut t, cfg.stats_polling_interval_s)?;
             timer = Some(t);
         }
