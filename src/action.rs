@@ -7,8 +7,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{
     BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, DriveConfig, DriveUpdate,
-    EntropyDeviceConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, MmdsConfig,
-    NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VsockConfig,
+    EntropyDeviceConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
+    MmdsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VsockConfig,
 };
 
 #[derive(Debug, Clone, PartialEq)]

@@ -10,8 +10,8 @@ use serde::de::DeserializeOwned;
 use crate::action::{Action, ActionError};
 use crate::config::{
     BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, DriveConfig, DriveUpdate,
-    EntropyDeviceConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig, MmdsConfig,
-    NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VsockConfig,
+    EntropyDeviceConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
+    MmdsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VsockConfig,
 };
 
 /// Path segments captured by `{name}` in a template, in order.
