@@ -277,10 +277,17 @@ fn balloon_api_before_start() {
         &sock,
         "PUT",
         "/entropy",
-        Some(r#"{"rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}"#),
+        Some(r#"{"rate_limiter": {"ops": {"size": 1, "refill_time": 18446744073709551615}}}"#),
     );
     assert_eq!(s, 400, "{b}");
-    assert!(b.contains("rate_limiter"), "{b}");
+    assert!(b.contains("rate_limiter.ops.refill_time"), "{b}");
+    let (s, b) = curl(
+        &sock,
+        "PUT",
+        "/entropy",
+        Some(r#"{"rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}"#),
+    );
+    assert_eq!(s, 204, "{b}");
     let (s, b) = curl(
         &sock,
         "PUT",
@@ -292,7 +299,7 @@ fn balloon_api_before_start() {
     assert_eq!(s, 200, "{b}");
     let v: serde_json::Value = serde_json::from_str(&b).unwrap();
     assert_eq!(v["balloon"]["amount_mib"], 16, "{b}");
-    assert!(v["entropy"].is_object(), "{b}");
+    assert_eq!(v["entropy"]["rate_limiter"]["ops"]["size"], 1, "{b}");
     assert_eq!(v["serial"]["serial_out_path"], "/tmp/x", "{b}");
     let _ = child.kill();
     let _ = child.wait();

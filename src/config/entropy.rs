@@ -2,30 +2,31 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::unsupported::{UnsupportedError, UnsupportedValue};
+use super::rate_limiter::{RateLimiterConfig, RateLimiterError};
 
 /// Firecracker's `EntropyDeviceConfig`. The device takes no settings besides its rate
 /// limiter; an empty body (`{}`) asks for the device.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EntropyDeviceConfig {
-    /// Parsed in Firecracker's shape and refused when it asks for a limit, until token
-    /// buckets exist: the device's seam for them is `devices::virtio::rng::EntropyBudget`.
-    #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
-    pub rate_limiter: UnsupportedValue,
+    /// Token buckets for the bytes handed out and the requests served (one op each), as
+    /// for drives; the device takes them through `devices::virtio::rng::EntropyBudget`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum EntropyError {
-    #[error("rate_limiter: {0}")]
-    RateLimiter(UnsupportedError),
+    #[error(transparent)]
+    RateLimiter(#[from] RateLimiterError),
 }
 
 impl EntropyDeviceConfig {
     pub fn validate(&self) -> Result<(), EntropyError> {
-        self.rate_limiter
-            .check("rate_limiter")
-            .map_err(EntropyError::RateLimiter)
+        if let Some(rl) = &self.rate_limiter {
+            rl.validate("rate_limiter")?;
+        }
+        Ok(())
     }
 }
 
@@ -34,7 +35,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn empty_and_null_limiters_are_accepted() {
+    fn limiters_are_accepted_and_checked() {
         for s in ["{}", r#"{"rate_limiter": null}"#, r#"{"rate_limiter": {}}"#] {
             let c: EntropyDeviceConfig = serde_json::from_str(s).unwrap();
             c.validate().unwrap();
@@ -43,7 +44,13 @@ mod tests {
             r#"{"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#,
         )
         .unwrap();
-        assert!(c.validate().is_err());
+        c.validate().unwrap();
+        let c: EntropyDeviceConfig = serde_json::from_str(
+            r#"{"rate_limiter": {"ops": {"size": 1, "refill_time": 18446744073709551615}}}"#,
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("rate_limiter.ops.refill_time"), "{e}");
         assert!(serde_json::from_str::<EntropyDeviceConfig>(r#"{"x": 1}"#).is_err());
     }
 }

@@ -15,9 +15,10 @@ use super::boot_timer::BootTimer;
 use super::bus::{Bus, OverlapError, SharedDevice};
 use super::i8042::I8042;
 use super::ioapic::{Ioapic, IrqError};
+use super::rate_limiter::RateLimiter;
 use super::serial::{ConsoleInput, ConsoleOut, SerialDevice};
 use super::virtio::balloon::{Balloon, BalloonState};
-use super::virtio::rng::{Rng, Unlimited};
+use super::virtio::rng::{EntropyBudget, Rng, Unlimited};
 use super::virtio::vsock::Vsock;
 use super::virtio::{Block, MmioTransport, Net, VirtioDevice, VirtioError, net::NetMetrics};
 use crate::config::MmdsConfig;
@@ -380,10 +381,14 @@ impl DeviceManager {
     }
 
     /// The entropy device (virtio-rng), after the network interfaces.
-    pub fn add_entropy(&mut self, _cfg: &EntropyDeviceConfig) -> Result<(), DeviceError> {
-        // A configured rate limiter becomes the device's `EntropyBudget` here; the
-        // config refuses one until token buckets exist.
-        let dev = Rng::new(Box::new(Unlimited));
+    pub fn add_entropy(&mut self, cfg: &EntropyDeviceConfig) -> Result<(), DeviceError> {
+        // A configured rate limiter is the device's budget (its timerfd exists from here
+        // on, so the event loop watches it); without one every request is served.
+        let budget: Box<dyn EntropyBudget> = match &cfg.rate_limiter {
+            Some(rl) => Box::new(RateLimiter::new(Some(rl)).map_err(DeviceError::EventFd)?),
+            None => Box::new(Unlimited),
+        };
+        let dev = Rng::new(budget);
         let metrics = dev.metrics.clone();
         crate::metrics::register_section(Box::new(move || ("entropy".to_string(), metrics.json())));
         let entry = self.attach_virtio(DeviceKind::VirtioRng, "entropy", Box::new(dev))?;

@@ -5,6 +5,7 @@
 //! Every buffer the guest offers is checked through vm-memory; a buffer outside guest
 //! memory completes with length 0, and one request fills at most `MAX_REQUEST_BYTES`.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -16,6 +17,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::queue::{self, BrokenRing};
 use super::{ActivateError, Interest, VirtioDevice, VirtioInterrupt, Work};
+use crate::devices::rate_limiter::RateLimiter;
 use crate::vm::memory::GuestMemory;
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -32,7 +34,33 @@ pub const MAX_REQUEST_BYTES: u32 = 64 * 1024;
 pub trait EntropyBudget: Send {
     /// True if `bytes` may be served now (and are then counted as spent).
     fn consume(&mut self, bytes: u64) -> bool;
+    /// The timer that signals a refill, watched on the event loop (none: never refuses).
+    fn timer_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// The timer fired: true if requests held back may be served again.
+    fn timer_fired(&mut self) -> bool {
+        false
+    }
 }
+
+/// Firecracker's token buckets: each request takes one op and the bytes it asks for.
+impl EntropyBudget for RateLimiter {
+    fn consume(&mut self, bytes: u64) -> bool {
+        !self.is_active() || self.consume_request(bytes)
+    }
+
+    fn timer_fd(&self) -> Option<RawFd> {
+        Some(self.fd())
+    }
+
+    fn timer_fired(&mut self) -> bool {
+        RateLimiter::timer_fired(self)
+    }
+}
+
+/// Event source: the budget's refill timer.
+const SOURCE_BUDGET: u16 = 0;
 
 /// No limit: every request is served.
 pub struct Unlimited;
@@ -248,6 +276,21 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         self.active = None;
     }
+
+    fn event_sources(&self) -> Vec<(RawFd, u16)> {
+        self.budget
+            .timer_fd()
+            .map(|fd| vec![(fd, SOURCE_BUDGET)])
+            .unwrap_or_default()
+    }
+
+    /// The budget's timer fired: serve what it held back.
+    fn process_event(&mut self, source: u16, interest: &mut dyn Interest) -> Work {
+        if source != SOURCE_BUDGET || !self.budget.timer_fired() {
+            return Work::Done;
+        }
+        self.process_queue(0, interest)
+    }
 }
 
 #[cfg(test)]
@@ -321,6 +364,51 @@ mod tests {
             .read_slice(&mut buf, GuestAddress(0x9000))
             .unwrap();
         assert_ne!(buf, [0u8; 32], "random bytes, not zeros");
+    }
+
+    #[test]
+    fn token_buckets_hold_requests_back() {
+        let cfg: crate::config::RateLimiterConfig =
+            serde_json::from_str(r#"{"ops": {"size": 1, "refill_time": 60000}}"#).unwrap();
+        let mut limiter = RateLimiter::new(Some(&cfg)).unwrap();
+        // The one op of the bucket is spent: the next request waits for the timer.
+        assert!(EntropyBudget::consume(&mut limiter, 16));
+        let (used, mut rng) = run(
+            |m, q| q.desc(m, 0, 0x8000, 16, VRING_DESC_F_WRITE, 0),
+            Box::new(limiter),
+        );
+        assert_eq!(used, []);
+        assert_eq!(rng.event_sources().len(), 1, "the refill timer is watched");
+        // Not fired yet: nothing is served.
+        assert_eq!(
+            rng.process_event(SOURCE_BUDGET, &mut NoInterest),
+            Work::Done
+        );
+        assert_eq!(rng.metrics.entropy_bytes.load(Ordering::Relaxed), 0);
+        // A fast refill: once the limiter's timer fires, the held request is served.
+        let cfg: crate::config::RateLimiterConfig =
+            serde_json::from_str(r#"{"ops": {"size": 1, "refill_time": 1}}"#).unwrap();
+        let mut limiter = RateLimiter::new(Some(&cfg)).unwrap();
+        assert!(EntropyBudget::consume(&mut limiter, 16));
+        assert!(
+            !EntropyBudget::consume(&mut limiter, 16),
+            "blocked until the timer"
+        );
+        let (used, mut rng) = run(
+            |m, q| q.desc(m, 0, 0x8000, 16, VRING_DESC_F_WRITE, 0),
+            Box::new(limiter),
+        );
+        assert_eq!(used, []);
+        // Against a hang only: the timer is armed for REFILL_TIMER.
+        std::thread::sleep(crate::devices::rate_limiter::REFILL_TIMER * 3);
+        assert_eq!(
+            rng.process_event(SOURCE_BUDGET, &mut NoInterest),
+            Work::Done
+        );
+        assert_eq!(rng.metrics.entropy_bytes.load(Ordering::Relaxed), 16);
+        // Without a limit there is nothing to watch.
+        let (_, rng) = run(|_, _| {}, Box::new(Unlimited));
+        assert!(rng.event_sources().is_empty());
     }
 
     #[test]
