@@ -72,6 +72,27 @@ fn entropy_reaches_the_guest_and_serial_output_goes_to_a_file() {
     assert!(has("ember-test-guest: done"), "{serial}");
 }
 
+/// A token bucket of one request per refill: every request after the first waits for the
+/// limiter's timer (an event source of the device), and the guest still gets them all.
+#[test]
+fn an_entropy_rate_limiter_holds_requests_until_its_timer() {
+    let o = run_config(
+        &guest_config(
+            "console=ttyS0 ember_test=rng",
+            1,
+            128,
+            r#""entropy": {"rate_limiter": {"ops": {"size": 1, "refill_time": 100}}}"#,
+        ),
+        &[],
+        T,
+    );
+    o.assert_ok();
+    assert!(o.has_line("rng: len=64,64 differ=1"), "{o:#?}");
+    assert!(o.has_line("rng: outside len=0"), "{o:#?}");
+    assert!(o.has_line("rng: after len=64 differ=1"), "{o:#?}");
+    assert!(!o.stdout.contains("timed out"), "{o:#?}");
+}
+
 #[test]
 fn without_an_entropy_device_the_guest_finds_none() {
     let o = run_config(
