@@ -16,7 +16,7 @@ use std::sync::Arc;
 use ember::config::BalloonConfig;
 use ember::devices::ioapic::IrqLine;
 use ember::devices::virtio::balloon::{Balloon, QUEUE_SIZE};
-use ember::devices::virtio::{Interest, VirtioDevice, VirtioInterrupt, Work};
+use ember::devices::virtio::{EventSet, Interest, VirtioDevice, VirtioInterrupt, Work};
 use ember_fuzz::{Confined, GuestMemory, Input, QueueSpec, ThreadKind, guest_memory, load_image};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::EventFd;
@@ -36,10 +36,13 @@ thread_local! {
 struct NoInterest;
 
 impl Interest for NoInterest {
-    fn watch(&mut self, _: RawFd, _: u16) -> std::io::Result<()> {
+    fn add(&mut self, _: RawFd, _: u16, _: EventSet) -> std::io::Result<()> {
         Ok(())
     }
-    fn unwatch(&mut self, _: RawFd) -> std::io::Result<()> {
+    fn modify(&mut self, _: RawFd, _: u16, _: EventSet) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn remove(&mut self, _: RawFd) -> std::io::Result<()> {
         Ok(())
     }
 }
@@ -78,7 +81,7 @@ fn run(t: &Target, data: &[u8]) {
             }
         }
         // The timer's request: hands back the statistics buffer, if one is held.
-        dev.process_event(0, &mut NoInterest);
+        dev.process_event(0, EventSet::IN, &mut NoInterest);
     });
     let report = state
         .lock()

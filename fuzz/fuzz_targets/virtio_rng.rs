@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use ember::devices::ioapic::IrqLine;
 use ember::devices::virtio::rng::{QUEUE_SIZE, Rng, Unlimited};
-use ember::devices::virtio::{Interest, VirtioDevice, VirtioInterrupt, Work};
+use ember::devices::virtio::{EventSet, Interest, VirtioDevice, VirtioInterrupt, Work};
 use ember_fuzz::{Confined, GuestMemory, Input, QueueSpec, ThreadKind, guest_memory, load_image};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::EventFd;
@@ -33,10 +33,13 @@ thread_local! {
 struct NoInterest;
 
 impl Interest for NoInterest {
-    fn watch(&mut self, _: RawFd, _: u16) -> std::io::Result<()> {
+    fn add(&mut self, _: RawFd, _: u16, _: EventSet) -> std::io::Result<()> {
         Ok(())
     }
-    fn unwatch(&mut self, _: RawFd) -> std::io::Result<()> {
+    fn modify(&mut self, _: RawFd, _: u16, _: EventSet) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn remove(&mut self, _: RawFd) -> std::io::Result<()> {
         Ok(())
     }
 }

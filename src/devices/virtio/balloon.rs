@@ -28,7 +28,7 @@ use vm_memory::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::queue::{self, BrokenRing};
-use super::{ActivateError, Interest, VirtioDevice, VirtioInterrupt, Work};
+use super::{ActivateError, EventSet, Interest, VirtioDevice, VirtioInterrupt, Work};
 use crate::config::BalloonConfig;
 use crate::vm::memory::GuestMemory;
 
@@ -653,7 +653,7 @@ impl VirtioDevice for Balloon {
         self.timer_fd.map(|fd| (fd, 0)).into_iter().collect()
     }
 
-    fn process_event(&mut self, _source: u16, _interest: &mut dyn Interest) -> Work {
+    fn process_event(&mut self, _source: u16, _: EventSet, _interest: &mut dyn Interest) -> Work {
         self.request_stats();
         Work::Done
     }
@@ -669,10 +669,13 @@ mod tests {
 
     struct NoInterest;
     impl Interest for NoInterest {
-        fn watch(&mut self, _: RawFd, _: u16) -> std::io::Result<()> {
+        fn add(&mut self, _: RawFd, _: u16, _: EventSet) -> std::io::Result<()> {
             Ok(())
         }
-        fn unwatch(&mut self, _: RawFd) -> std::io::Result<()> {
+        fn modify(&mut self, _: RawFd, _: u16, _: EventSet) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn remove(&mut self, _: RawFd) -> std::io::Result<()> {
             Ok(())
         }
     }

@@ -16,7 +16,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::queue::{self, BrokenRing};
-use super::{ActivateError, Interest, VirtioDevice, VirtioInterrupt, Work};
+use super::{ActivateError, EventSet, Interest, VirtioDevice, VirtioInterrupt, Work};
 use crate::devices::rate_limiter::RateLimiter;
 use crate::vm::memory::GuestMemory;
 
@@ -285,7 +285,7 @@ impl VirtioDevice for Rng {
     }
 
     /// The budget's timer fired: serve what it held back.
-    fn process_event(&mut self, source: u16, interest: &mut dyn Interest) -> Work {
+    fn process_event(&mut self, source: u16, _: EventSet, interest: &mut dyn Interest) -> Work {
         if source != SOURCE_BUDGET || !self.budget.timer_fired() {
             return Work::Done;
         }
@@ -310,10 +310,13 @@ mod tests {
 
     struct NoInterest;
     impl Interest for NoInterest {
-        fn watch(&mut self, _: std::os::fd::RawFd, _: u16) -> std::io::Result<()> {
+        fn add(&mut self, _: std::os::fd::RawFd, _: u16, _: EventSet) -> std::io::Result<()> {
             Ok(())
         }
-        fn unwatch(&mut self, _: std::os::fd::RawFd) -> std::io::Result<()> {
+        fn modify(&mut self, _: std::os::fd::RawFd, _: u16, _: EventSet) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn remove(&mut self, _: std::os::fd::RawFd) -> std::io::Result<()> {
             Ok(())
         }
     }
@@ -381,7 +384,7 @@ mod tests {
         assert_eq!(rng.event_sources().len(), 1, "the refill timer is watched");
         // Not fired yet: nothing is served.
         assert_eq!(
-            rng.process_event(SOURCE_BUDGET, &mut NoInterest),
+            rng.process_event(SOURCE_BUDGET, EventSet::IN, &mut NoInterest),
             Work::Done
         );
         assert_eq!(rng.metrics.entropy_bytes.load(Ordering::Relaxed), 0);
@@ -402,7 +405,7 @@ mod tests {
         // Against a hang only: the timer is armed for REFILL_TIMER.
         std::thread::sleep(crate::devices::rate_limiter::REFILL_TIMER * 3);
         assert_eq!(
-            rng.process_event(SOURCE_BUDGET, &mut NoInterest),
+            rng.process_event(SOURCE_BUDGET, EventSet::IN, &mut NoInterest),
             Work::Done
         );
         assert_eq!(rng.metrics.entropy_bytes.load(Ordering::Relaxed), 16);
