@@ -5,6 +5,7 @@ use std::sync::mpsc::{Receiver, Sender, SyncSender};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::config::snapshot::{CreateSnapshotParams, LoadSnapshotParams};
 use crate::config::{
     BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, DriveConfig, DriveUpdate,
     EntropyDeviceConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
@@ -57,6 +58,10 @@ pub enum Action {
     PatchBalloonStats(BalloonStatsUpdate),
     PutEntropy(EntropyDeviceConfig),
     PutSerial(SerialConfig),
+    /// PUT /snapshot/create
+    CreateSnapshot(CreateSnapshotParams),
+    /// PUT /snapshot/load
+    LoadSnapshot(LoadSnapshotParams),
 }
 
 /// A successful answer: 204 with no body, or 200 with a JSON body.

@@ -101,6 +101,11 @@ pub struct BuiltVm {
     pub vcpus: Vec<Vcpu>,
     pub controls: Vec<Arc<VcpuControl>>,
     pub cmdline: String,
+    /// The MSRs a snapshot saves for each vCPU.
+    pub msr_list: Vec<u32>,
+    /// What must live as long as the VM besides the above (a Uffd backend's descriptor
+    /// and handler connection).
+    pub keep_alive: Vec<Box<dyn std::any::Any + Send>>,
 }
 
 /// Boot arguments that keep Linux off the instructions a PVM host cannot emulate in guest
@@ -142,7 +147,20 @@ pub fn build(
         vcpus,
         controls,
         cmdline,
+        msr_list: msr_list(&kvm),
+        keep_alive: Vec::new(),
     })
+}
+
+/// The MSRs KVM can save and restore on this host (for snapshots).
+pub fn msr_list(kvm: &Kvm) -> Vec<u32> {
+    match kvm.get_msr_index_list() {
+        Ok(l) => l.as_slice().to_vec(),
+        Err(e) => {
+            log::warn!("KVM_GET_MSR_INDEX_LIST: {e}; snapshots will hold no MSRs");
+            Vec::new()
+        }
+    }
 }
 
 /// The files a boot reads from the host.
@@ -163,7 +181,7 @@ fn open_boot_files(config: &VmConfig) -> Result<BootFiles, BuildError> {
 }
 
 /// Phase 2: the KVM VM, with a split irqchip (see vm/irq.rs).
-fn create_vm() -> Result<(Kvm, Arc<VmFd>), BuildError> {
+pub fn create_vm() -> Result<(Kvm, Arc<VmFd>), BuildError> {
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
     let vm = Arc::new(kvm.create_vm().map_err(BuildError::CreateVm)?);
     irq::create_split_irqchip(&vm)?;
@@ -193,7 +211,7 @@ fn load_kernel(
 
 /// Phase 4: every device, on its bus with its IRQ: legacy devices, then drives in config
 /// order (vda, vdb, ...), then network interfaces in config order (eth0, eth1, ...).
-fn create_devices(
+pub fn create_devices(
     config: &VmConfig,
     opts: &BuildOptions,
     vm: &Arc<VmFd>,

@@ -16,6 +16,7 @@ Options:
   --api-sock PATH                   serve the HTTP API on this Unix socket (default /run/firecracker.socket)
   --no-api                          no API; needs --config-file
   --config-file FILE                boot from a JSON file in Firecracker's schema
+  --restore FILE                    restore a snapshot at start: FILE holds a PUT /snapshot/load body
   --id ID                           instance id (1-64 letters, digits, hyphens; default anonymous-instance)
   --level LEVEL                     log level: Off, Error, Warning, Info, Debug, Trace (default Warning)
   --log-path PATH                   write the log here instead of stderr
@@ -58,6 +59,8 @@ pub struct Args {
     pub api_sock: Option<PathBuf>,
     pub no_api: bool,
     pub config_file: Option<PathBuf>,
+    /// A `PUT /snapshot/load` body applied at start, before the API serves.
+    pub restore: Option<PathBuf>,
     pub id: Option<String>,
     pub level: Option<String>,
     pub log_path: Option<PathBuf>,
@@ -119,9 +122,13 @@ pub enum ArgError {
     #[error("`{0}` given twice")]
     Duplicate(String),
     #[error(
-        "--no-api needs --config-file: without the API, the file is the only way to configure the VM"
+        "--no-api needs --config-file or --restore: without the API, a file is the only way to configure the VM"
     )]
     NoApiWithoutConfig,
+    #[error(
+        "--config-file and --restore exclude each other: a restored VM takes its configuration from the snapshot"
+    )]
+    ConfigAndRestore,
 }
 
 /// Checks an instance id: 1-64 characters, ASCII letters, digits and hyphens.
@@ -160,6 +167,7 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, ArgError> 
             "--api-sock" => a.api_sock = Some(value(&mut it)?.into()),
             "--no-api" => switch(&mut a.no_api)?,
             "--config-file" => a.config_file = Some(value(&mut it)?.into()),
+            "--restore" => a.restore = Some(value(&mut it)?.into()),
             "--id" => {
                 let id = value(&mut it)?;
                 if !valid_id(&id) {
@@ -220,8 +228,11 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, ArgError> 
         }
     }
     let informational = a.help || a.version || a.snapshot_version || a.describe_snapshot.is_some();
-    if a.no_api && a.config_file.is_none() && !informational {
+    if a.no_api && a.config_file.is_none() && a.restore.is_none() && !informational {
         return Err(ArgError::NoApiWithoutConfig);
+    }
+    if a.config_file.is_some() && a.restore.is_some() {
+        return Err(ArgError::ConfigAndRestore);
     }
     Ok(a)
 }
@@ -542,6 +553,11 @@ mod tests {
             Err(ArgError::MissingValue(_))
         ));
         assert_eq!(p(&["--no-api"]).unwrap_err(), ArgError::NoApiWithoutConfig);
+        assert!(p(&["--no-api", "--restore", "load.json"]).is_ok());
+        assert_eq!(
+            p(&["--config-file", "a", "--restore", "b"]).unwrap_err(),
+            ArgError::ConfigAndRestore
+        );
         assert!(matches!(p(&["--id", "a_b"]), Err(ArgError::Invalid { .. })));
         assert!(matches!(
             p(&["--id", "a", "--id", "b"]),

@@ -180,6 +180,50 @@ impl Controller {
         Ok(())
     }
 
+    /// Restores a VM from a snapshot in this (pre-boot) process. On error nothing has
+    /// changed: the controller is still pre-boot and may be configured or loaded again.
+    pub fn load_snapshot(
+        &mut self,
+        params: &crate::config::snapshot::LoadSnapshotParams,
+        event_loop: &mut EventLoop,
+    ) -> Result<(), crate::snapshot::SnapshotError> {
+        timeline_mark(&METRICS.boot_timeline_us.instance_start);
+        let state = crate::snapshot::read_state(&params.snapshot_path)?;
+        let opts = builder::BuildOptions {
+            boot_timer: self.boot_timer,
+        };
+        let (built, mut config) =
+            crate::snapshot::restore(state, params, &opts, self.exit.clone())?;
+        timeline_mark(&METRICS.boot_timeline_us.vm_built);
+        crate::devices::serial::stdin_raw_mode();
+        let vmm = Vmm::start_with(built, event_loop, !params.resume_vm)
+            .map_err(|e| crate::snapshot::SnapshotError::Build(builder::BuildError::Io(e)))?;
+        crate::seccomp::install(crate::seccomp::ThreadKind::Vmm).map_err(|e| {
+            crate::snapshot::SnapshotError::Build(builder::BuildError::Io(std::io::Error::other(
+                e.to_string(),
+            )))
+        })?;
+        config.logger = self.config.logger.take();
+        config.metrics = self.config.metrics.take();
+        self.config = config;
+        self.vmm = Some(vmm);
+        self.state = if params.resume_vm {
+            State::Running
+        } else {
+            State::Paused
+        };
+        log::info!(
+            "restored from {} ({})",
+            params.snapshot_path,
+            if params.resume_vm {
+                "running"
+            } else {
+                "paused"
+            }
+        );
+        Ok(())
+    }
+
     pub fn handle(&mut self, action: Action, event_loop: &mut EventLoop) -> ActionResult {
         match action {
             Action::GetInstanceInfo => json(serde_json::json!({
@@ -401,6 +445,33 @@ impl Controller {
                 self.pre_boot()?;
                 s.validate().map_err(bad)?;
                 self.config.serial = Some(s);
+                Ok(ActionOk::NoContent)
+            }
+            Action::CreateSnapshot(p) => {
+                let vmm = self.running()?;
+                if self.state != State::Paused {
+                    return Err(ActionError::bad_request(
+                        "Cannot create a snapshot of a running microVM: pause it first (PATCH /vm {\"state\": \"Paused\"}).",
+                    ));
+                }
+                p.validate().map_err(bad)?;
+                crate::snapshot::create(vmm, &self.config, &p).map_err(bad)?;
+                Ok(ActionOk::NoContent)
+            }
+            Action::LoadSnapshot(p) => {
+                self.pre_boot()?;
+                let c = &self.config;
+                if !c.boot_source.kernel_image_path.is_empty()
+                    || !c.drives.is_empty()
+                    || !c.network_interfaces.is_empty()
+                    || c.machine_config != VmConfig::default().machine_config
+                {
+                    return Err(ActionError::bad_request(
+                        "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+                    ));
+                }
+                p.validate().map_err(bad)?;
+                self.load_snapshot(&p, event_loop).map_err(bad)?;
                 Ok(ActionOk::NoContent)
             }
             Action::Resume => {

@@ -15,6 +15,7 @@ pub mod logger;
 pub mod metrics;
 pub mod mmds;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

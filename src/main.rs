@@ -69,6 +69,10 @@ enum StartError {
     Metadata { path: PathBuf, why: String },
     #[error("{0}")]
     Snapshot(String),
+    #[error("{0}")]
+    Restore(String),
+    #[error("ember snapshot-merge: {0}\n{usage}", usage = ember::snapshot::merge::USAGE)]
+    Merge(#[from] ember::snapshot::merge::MergeError),
 }
 
 impl StartError {
@@ -83,8 +87,10 @@ impl StartError {
             | StartError::Config { .. }
             | StartError::ConfigOutput(_)
             | StartError::Metadata { .. }
-            | StartError::Boot(_) => exit_code::BAD_CONFIGURATION,
+            | StartError::Boot(_)
+            | StartError::Restore(_) => exit_code::BAD_CONFIGURATION,
             StartError::Snapshot(_) => exit_code::GENERIC_ERROR,
+            StartError::Merge(_) => exit_code::ARG_PARSING,
             StartError::Seccomp(e) => e.exit_code(),
             StartError::Jail(e) => e.exit_code(),
             StartError::BlockSignals(_)
@@ -100,6 +106,7 @@ impl StartError {
         matches!(
             self,
             StartError::Args(_)
+                | StartError::Merge(_)
                 | StartError::Level
                 | StartError::LogFile { .. }
                 | StartError::MetricsPath(_)
@@ -192,6 +199,18 @@ fn read_metadata(args: &cli::Args) -> Result<Option<serde_json::Value>, StartErr
 
 /// Runs ember to the end; returns the exit code of the VM's stop.
 fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
+    // `ember snapshot-merge`: an offline tool, no VM.
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("snapshot-merge") {
+        let rest = argv.get(1..).unwrap_or_default();
+        if rest.iter().any(|a| a == "--help" || a == "-h") {
+            print!("{}", ember::snapshot::merge::USAGE);
+            return Ok(exit_code::OK);
+        }
+        let bytes = ember::snapshot::merge::run(rest)?;
+        println!("merged {bytes} bytes");
+        return Ok(exit_code::OK);
+    }
     let args = parse_args()?;
     if args.help {
         print!("{}", cli::USAGE);
@@ -287,6 +306,26 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
     // VM is configured).
     metrics::report_start_times(&start_times);
 
+    // --restore: the body of PUT /snapshot/load, applied before the API answers anything.
+    if let Some(path) = &args.restore {
+        let result = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+            .and_then(|t| {
+                serde_json::from_str::<config::snapshot::LoadSnapshotParams>(&t)
+                    .map_err(|e| format!("invalid --restore file {}: {e}", path.display()))
+            })
+            .and_then(|p| {
+                controller
+                    .handle(Action::LoadSnapshot(p), &mut event_loop)
+                    .map_err(|e| format!("cannot restore the snapshot: {}", e.message))
+            });
+        if let Err(e) = result {
+            if let Some((server, _)) = &api {
+                api::remove_socket(server.path());
+            }
+            return Err(StartError::Restore(e));
+        }
+    }
     if file_config.is_some()
         && let Err(e) = controller.handle(Action::InstanceStart, &mut event_loop)
     {

@@ -193,9 +193,14 @@ pub enum RunState {
     Paused,
 }
 
+/// Work the VMM thread hands a paused vCPU thread (a snapshot's state save): it runs on
+/// the vCPU's own thread, which owns the vCPU fd.
+pub type VcpuTask = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
 /// Shared between a vCPU thread and the VMM thread.
 pub struct VcpuControl {
-    state: Mutex<(RunState, bool)>,
+    /// (requested state, the thread is parked in the paused state, a task to run there)
+    state: Mutex<(RunState, bool, Option<VcpuTask>)>,
     cv: Condvar,
     /// The vCPU's kvm_run page, so a kick can set immediate_exit.
     run_page: AtomicPtr<kvm_run>,
@@ -228,7 +233,7 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 impl Default for VcpuControl {
     fn default() -> Self {
         VcpuControl {
-            state: Mutex::new((RunState::Running, false)),
+            state: Mutex::new((RunState::Running, false, None)),
             cv: Condvar::new(),
             run_page: AtomicPtr::new(std::ptr::null_mut()),
             thread: Mutex::new(None),
@@ -263,6 +268,18 @@ impl VcpuControl {
         self.cv.notify_all();
     }
 
+    /// Runs `task` on the vCPU's thread; the vCPU must be paused (`pause` returned).
+    /// Gives the task back, without running it, if the thread is not parked.
+    pub fn run_task(&self, task: VcpuTask) -> Result<(), VcpuTask> {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if g.0 != RunState::Paused || !g.1 || g.2.is_some() {
+            return Err(task);
+        }
+        g.2 = Some(task);
+        self.cv.notify_all();
+        Ok(())
+    }
+
     fn kick(&self) {
         let page = self.run_page.load(Ordering::Acquire);
         if !page.is_null() {
@@ -277,8 +294,9 @@ impl VcpuControl {
         }
     }
 
-    /// Called by the vCPU thread after an interruption: blocks while paused.
-    fn wait_if_paused(&self) {
+    /// Called by the vCPU thread after an interruption: blocks while paused, running
+    /// the tasks the VMM thread hands it meanwhile.
+    fn wait_if_paused(&self, fd: &mut VcpuFd) {
         let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
         // Acknowledge every pause seen, not only the first: a resume followed at once by a
         // pause can find this thread still waiting here, and `pause` waits for the flag.
@@ -286,6 +304,12 @@ impl VcpuControl {
             if !g.1 {
                 g.1 = true;
                 self.cv.notify_all();
+            }
+            if let Some(task) = g.2.take() {
+                drop(g);
+                task(fd);
+                g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                continue;
             }
             g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
@@ -320,7 +344,7 @@ impl Vcpu {
         self.control.run_page.store(page, Ordering::Release);
         self.control.started.store(true, Ordering::Release);
         // A pause requested before the thread started takes effect now.
-        self.control.wait_if_paused();
+        self.control.wait_if_paused(&mut self.fd);
         if self.index == 0 {
             timeline_mark_once(&METRICS.boot_timeline_us.first_vcpu_run);
         }
@@ -350,7 +374,7 @@ impl Vcpu {
                             regs.rip
                         );
                     }
-                    self.control.wait_if_paused();
+                    self.control.wait_if_paused(&mut self.fd);
                 }
                 ExitAction::Stop(mut why) => {
                     let rip = self.fd.get_regs().ok().map(|r| r.rip);

@@ -150,13 +150,26 @@ pub struct Vmm {
     pub cmdline: String,
     pub controls: Vec<Arc<VcpuControl>>,
     pub devices: DeviceManager,
-    _vm: Arc<kvm_ioctls::VmFd>,
-    _mem: crate::vm::memory::GuestMemory,
+    pub vm: Arc<kvm_ioctls::VmFd>,
+    pub mem: crate::vm::memory::GuestMemory,
+    /// The MSRs a snapshot saves for each vCPU.
+    pub msr_list: Arc<Vec<u32>>,
+    _keep_alive: Vec<Box<dyn std::any::Any + Send>>,
 }
 
 impl Vmm {
     /// Adds the VM's event sources to the event loop and starts its vCPU threads.
     pub fn start(built: BuiltVm, event_loop: &mut EventLoop) -> std::io::Result<Vmm> {
+        Vmm::start_with(built, event_loop, false)
+    }
+
+    /// As `start`; with `paused`, every vCPU thread starts parked (a restored VM that
+    /// waits for `PATCH /vm Resumed`).
+    pub fn start_with(
+        built: BuiltVm,
+        event_loop: &mut EventLoop,
+        paused: bool,
+    ) -> std::io::Result<Vmm> {
         let BuiltVm {
             vm,
             mem,
@@ -166,6 +179,8 @@ impl Vmm {
             vcpus,
             controls,
             cmdline,
+            msr_list,
+            keep_alive,
         } = built;
         let reset: Subscriber = Arc::new(Mutex::new(GuestReset {
             exit: exit.clone(),
@@ -177,6 +192,11 @@ impl Vmm {
         }
 
         crate::vcpu::install_kick_handler()?;
+        if paused {
+            for c in &controls {
+                c.pause();
+            }
+        }
         for vcpu in vcpus {
             let name = format!("ember_vcpu{}", vcpu.index);
             if let Err(e) = std::thread::Builder::new()
@@ -192,8 +212,10 @@ impl Vmm {
             cmdline,
             controls,
             devices,
-            _vm: vm,
-            _mem: mem,
+            vm,
+            mem,
+            msr_list: Arc::new(msr_list),
+            _keep_alive: keep_alive,
         })
     }
 

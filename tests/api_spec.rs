@@ -193,6 +193,10 @@ fn body_definitions_match_the_config_types() {
     check_definition::<BalloonStatsUpdate>(&defs, "BalloonStatsUpdate");
     check_definition::<EntropyDeviceConfig>(&defs, "EntropyDevice");
     check_definition::<SerialConfig>(&defs, "SerialDevice");
+    check_definition::<snapshot::CreateSnapshotParams>(&defs, "SnapshotCreateParams");
+    check_definition::<snapshot::LoadSnapshotParams>(&defs, "SnapshotLoadParams");
+    check_definition::<snapshot::MemBackend>(&defs, "MemoryBackend");
+    check_definition::<snapshot::NetworkOverride>(&defs, "NetworkOverride");
 }
 
 #[test]

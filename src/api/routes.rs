@@ -66,6 +66,11 @@ pub const ROUTES: &[Route] = &[
     }),
     r("PUT", "/serial", |_, b| {
         parse::<SerialConfig>(b).map(Action::PutSerial)
+    r("PUT", "/snapshot/create", |_, body| {
+        parse(body).map(Action::CreateSnapshot)
+    }),
+    r("PUT", "/snapshot/load", |_, body| {
+        parse(body).map(Action::LoadSnapshot)
     }),
 ];
 
@@ -80,7 +85,6 @@ const fn r(method: &'static str, path: &'static str, handler: Handler) -> Route 
 /// Firecracker endpoints (by first path segment) for what ember does not implement, and
 /// the feature to name in the refusal. Not routes: they are absent from the OpenAPI spec.
 pub const UNSUPPORTED: &[(&str, &str)] = &[
-    ("snapshot", "snapshots"),
     ("cpu-config", "custom CPU templates"),
     ("hotplug", "memory hotplug"),
     ("pmem", "the pmem device"),
@@ -501,10 +505,28 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_routes() {
+        let a = ok(
+            "PUT",
+            "/snapshot/create",
+            r#"{"snapshot_type": "Full", "snapshot_path": "/s", "mem_file_path": "/m"}"#,
+        );
+        assert!(matches!(a, Action::CreateSnapshot(p) if p.snapshot_path == "/s"));
+        let a = ok(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File", "backend_path": "/m"}, "resume_vm": true}"#,
+        );
+        assert!(matches!(a, Action::LoadSnapshot(p) if p.resume_vm));
+        let e = err("PUT", "/snapshot/create", "{}");
+        assert!(e.contains("missing field `snapshot_path`"), "{e}");
+        let e = err("GET", "/snapshot/load", "");
+        assert!(e.contains("Allowed methods: PUT"), "{e}");
+    }
+
+    #[test]
     fn unsupported_devices() {
         for (m, p) in [
-            ("PUT", "/snapshot/create"),
-            ("PUT", "/snapshot/load"),
             ("PUT", "/cpu-config"),
             ("PUT", "/hotplug/memory"),
             ("PUT", "/pmem/p0"),

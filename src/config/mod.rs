@@ -15,6 +15,7 @@ pub mod mmds;
 pub mod net;
 pub mod rate_limiter;
 pub mod serial;
+pub mod snapshot;
 pub mod unsupported;
 pub mod vsock;
 

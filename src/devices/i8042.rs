@@ -75,6 +75,40 @@ impl I8042 {
         }
     }
 
+    /// The controller's registers and keyboard buffer, for a snapshot.
+    pub fn save_state(&self) -> crate::snapshot::devices::I8042State {
+        crate::snapshot::devices::I8042State {
+            buf: self.buf.iter().copied().collect(),
+            status: self.status,
+            ctr: self.ctr,
+            outp: self.outp,
+            pending: self.pending,
+        }
+    }
+
+    pub fn restore_state(
+        &mut self,
+        s: &crate::snapshot::devices::I8042State,
+    ) -> Result<(), String> {
+        if s.buf.len() > BUF_SIZE {
+            return Err(format!(
+                "i8042: {} buffered bytes, at most {BUF_SIZE}",
+                s.buf.len()
+            ));
+        }
+        if s.pending
+            .is_some_and(|p| p != CMD_WRITE_CTR && p != CMD_WRITE_OUTP)
+        {
+            return Err("i8042: a pending command that takes no data".into());
+        }
+        self.buf = s.buf.iter().copied().collect();
+        self.status = s.status;
+        self.ctr = s.ctr;
+        self.outp = s.outp;
+        self.pending = s.pending;
+        Ok(())
+    }
+
     fn push(&mut self, byte: u8) -> bool {
         if self.buf.len() >= BUF_SIZE {
             return false;

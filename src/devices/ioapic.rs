@@ -107,6 +107,36 @@ impl Ioapic {
             .map_err(IrqError::EventFd)
     }
 
+    /// The registers, for a snapshot.
+    pub fn save_state(&self) -> crate::snapshot::devices::IoapicState {
+        crate::snapshot::devices::IoapicState {
+            ioregsel: self.ioregsel,
+            id: self.id,
+            redirection: self.redirection.to_vec(),
+        }
+    }
+
+    /// Puts saved registers back and reprograms KVM's routes from them.
+    pub fn restore_state(
+        &mut self,
+        s: &crate::snapshot::devices::IoapicState,
+    ) -> Result<(), String> {
+        if s.redirection.len() != self.redirection.len() {
+            return Err(format!(
+                "IOAPIC: {} redirection entries, expected {}",
+                s.redirection.len(),
+                self.redirection.len()
+            ));
+        }
+        self.ioregsel = s.ioregsel & 0xff;
+        self.id = s.id & 0x0f00_0000;
+        for (dst, src) in self.redirection.iter_mut().zip(&s.redirection) {
+            *dst = src & (RTE_WRITABLE | RTE_MASKED);
+        }
+        self.update_routes();
+        Ok(())
+    }
+
     fn read_reg(&self) -> u32 {
         match self.ioregsel {
             REG_ID => self.id,

@@ -120,6 +120,8 @@ pub struct DeviceManager {
     mmio: Arc<Bus>,
     ioapic: Arc<Mutex<Ioapic>>,
     serial: Option<(Arc<Mutex<SerialDevice>>, EventFd)>,
+    /// The UART again: `serial` moves to the event loop, snapshots still need it.
+    uart: Option<Arc<Mutex<SerialDevice>>>,
     i8042: Option<Arc<Mutex<I8042>>>,
     virtio: Vec<VirtioSlot>,
     devices: Vec<DeviceInfo>,
@@ -142,6 +144,7 @@ impl DeviceManager {
             mmio: Arc::new(Bus::new()),
             ioapic: ioapic.clone(),
             serial: None,
+            uart: None,
             i8042: None,
             virtio: Vec::new(),
             devices: Vec::new(),
@@ -241,6 +244,7 @@ impl DeviceManager {
             Some(SERIAL_IRQ),
             serial.clone(),
         )?;
+        self.uart = Some(serial.clone());
         self.serial = Some((serial, input_space));
 
         if boot_timer {
@@ -505,6 +509,130 @@ impl DeviceManager {
                 .unwrap_or_else(|p| p.into_inner())
                 .send_ctrl_alt_del()
         })
+    }
+
+    /// Completes every request the guest made available to a virtio device, so that a
+    /// snapshot holds none in flight.
+    /// Block requests complete synchronously, so a drain leaves none behind; network
+    /// frames the guest queued are sent after the restore instead (see
+    /// `kick_all_queues`), since serving them may change what the event loop watches.
+    pub fn drain_virtio(&self) {
+        /// The drain runs outside the event loop: a device that asks to change what it
+        /// watches is refused (block devices never do).
+        struct NoLoop;
+        impl super::virtio::Interest for NoLoop {
+            fn watch(&mut self, _fd: std::os::fd::RawFd, _source: u16) -> std::io::Result<()> {
+                Err(std::io::Error::other("not on the event loop"))
+            }
+            fn unwatch(&mut self, _fd: std::os::fd::RawFd) -> std::io::Result<()> {
+                Err(std::io::Error::other("not on the event loop"))
+            }
+        }
+        for v in self
+            .virtio
+            .iter()
+            .filter(|v| v.kind == DeviceKind::VirtioBlock)
+        {
+            v.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain_queues(&mut NoLoop);
+        }
+    }
+
+    /// Every device's state, for a snapshot (virtio devices in slot order).
+    pub fn save_state(&self) -> crate::snapshot::devices::DevicesState {
+        use crate::snapshot::devices::{DevicesState, I8042State};
+        let lock = |m: &Arc<Mutex<I8042>>| m.lock().unwrap_or_else(|p| p.into_inner()).save_state();
+        DevicesState {
+            ioapic: self
+                .ioapic
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .save_state(),
+            serial: self
+                .uart
+                .as_ref()
+                .map(|u| u.lock().unwrap_or_else(|p| p.into_inner()).save_state()),
+            i8042: self.i8042.as_ref().map(lock).unwrap_or(I8042State {
+                buf: Vec::new(),
+                status: 0,
+                ctr: 0,
+                outp: 0,
+                pending: None,
+            }),
+            virtio: self
+                .virtio
+                .iter()
+                .map(|v| {
+                    v.transport
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .save_state()
+                })
+                .collect(),
+        }
+    }
+
+    /// The MAC each network interface's device shows the guest, by iface_id (a
+    /// generated one must stay the guest's after a restore).
+    pub fn net_macs(&self) -> Vec<(String, [u8; 6])> {
+        self.virtio
+            .iter()
+            .filter(|v| v.kind == DeviceKind::VirtioNet)
+            .map(|v| {
+                let mut mac = [0u8; 6];
+                v.transport
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read_device_config(0, &mut mac);
+                (v.id.clone(), mac)
+            })
+            .collect()
+    }
+
+    /// Puts saved device state on devices freshly built from the same configuration
+    /// (before the VM starts). Every value is checked: the state file is hostile input.
+    pub fn restore_state(
+        &mut self,
+        s: &crate::snapshot::devices::DevicesState,
+    ) -> Result<(), String> {
+        self.ioapic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore_state(&s.ioapic)?;
+        if let (Some(saved), Some((serial, input_space))) = (&s.serial, &self.serial) {
+            let irq = self.irq_line(SERIAL_IRQ).map_err(|e| e.to_string())?;
+            let space = input_space.try_clone().map_err(|e| e.to_string())?;
+            let restored = SerialDevice::from_state(saved, irq, ConsoleOut::stdout(), space)?;
+            *serial.lock().unwrap_or_else(|p| p.into_inner()) = restored;
+        }
+        if let Some(k) = &self.i8042 {
+            k.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore_state(&s.i8042)?;
+        }
+        if s.virtio.len() != self.virtio.len() {
+            return Err(format!(
+                "{} virtio device states for {} devices",
+                s.virtio.len(),
+                self.virtio.len()
+            ));
+        }
+        for (v, saved) in self.virtio.iter().zip(&s.virtio) {
+            v.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore_state(saved)
+                .map_err(|e| format!("{} `{}`: {e}", v.kind.as_str(), v.id))?;
+        }
+        for v in &self.virtio {
+            v.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .kick_all_queues();
+        }
+        Ok(())
     }
 
     /// Makes every acknowledged write durable; called on every VMM exit path.

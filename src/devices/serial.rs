@@ -184,6 +184,27 @@ impl SerialDevice {
         }
     }
 
+    /// A UART in a saved state (snapshot restore).
+    pub fn from_state(
+        state: &crate::snapshot::devices::SerialState,
+        irq: IrqLine,
+        out: ConsoleOut,
+        input_space: EventFd,
+    ) -> Result<SerialDevice, String> {
+        let uart = Serial::from_state(
+            &state.into(),
+            irq,
+            ConsoleEvents { input_space },
+            TimedOut(out),
+        )
+        .map_err(|e| format!("serial: {e:?}"))?;
+        Ok(SerialDevice { uart })
+    }
+
+    pub fn save_state(&self) -> crate::snapshot::devices::SerialState {
+        self.uart.state().into()
+    }
+
     /// Queues console input for the guest; returns how many bytes fitted.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         let room = self.uart.fifo_capacity().min(bytes.len());

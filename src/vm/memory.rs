@@ -6,7 +6,9 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Gues
 
 use super::layout::{HIGH_RAM_START, MMIO_GAP_START};
 
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// With a dirty bitmap: the pages ember itself writes (virtio buffers and rings) are not
+/// in KVM's dirty log, and a Diff snapshot must hold them too.
+pub type GuestMemory = GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -52,6 +54,14 @@ pub fn create(
         size_mib: mem_mib,
         source,
     })?;
+    register(vm, &mem, track_dirty_pages)?;
+    Ok(mem)
+}
+
+/// Registers each region of `mem` with KVM as one memory slot (slot = region index), with
+/// dirty-page logging if asked.
+pub fn register(vm: &VmFd, mem: &GuestMemory, track_dirty_pages: bool) -> Result<(), MemoryError> {
+    let mem_mib = end_of_ram(mem) >> 20;
     let flags = if track_dirty_pages {
         kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
     } else {
@@ -74,7 +84,7 @@ pub fn create(
         unsafe { vm.set_user_memory_region(kvm_region) }
             .map_err(|e| MemoryError::SetRegion(e, slot))?;
     }
-    Ok(mem)
+    Ok(())
 }
 
 /// The last guest-physical address of RAM plus one.

@@ -192,6 +192,11 @@ pub trait VirtioDevice: Send {
     ) -> Work {
         Work::Done
     }
+    /// Where the running device is in each of its queues (for a snapshot); empty when
+    /// the device is not active.
+    fn queue_progress(&self) -> Vec<virtio_queue::QueueState> {
+        Vec::new()
+    }
     /// Replaces the device's backing file (PATCH /drives after start). Returns whether the
     /// config space changed, so the transport can notify the driver.
     fn update_backing(&mut self, _path: &str) -> Result<bool, String> {

@@ -444,7 +444,11 @@ impl Disk {
     }
 
     /// Reads from the file into the chain's data buffers, a chunk at a time.
-    fn read(&mut self, sector: u64, writer: &mut Writer) -> Outcome {
+    fn read<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        sector: u64,
+        writer: &mut Writer<'_, B>,
+    ) -> Outcome {
         let total = writer.available_bytes();
         let Some(mut offset) = self.check_range(sector, total) else {
             return IOERR;
@@ -473,7 +477,11 @@ impl Disk {
     }
 
     /// Writes the chain's data buffers to the file, a chunk at a time.
-    fn write(&mut self, sector: u64, reader: &mut Reader) -> Outcome {
+    fn write<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        sector: u64,
+        reader: &mut Reader<'_, B>,
+    ) -> Outcome {
         if self.read_only {
             log::debug!(
                 "virtio-blk `{}`: write to a read-only drive refused",
@@ -521,7 +529,7 @@ impl Disk {
     }
 
     /// GET_ID: the drive id, truncated to 20 bytes, NUL padded (as much as fits).
-    fn get_id(&mut self, writer: &mut Writer) -> Outcome {
+    fn get_id<B: vm_memory::bitmap::BitmapSlice>(&mut self, writer: &mut Writer<'_, B>) -> Outcome {
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         for (d, s) in id.iter_mut().zip(self.id.bytes()) {
             *d = s;

@@ -147,6 +147,13 @@ impl VirtioDevice for Block {
         }
     }
 
+    fn queue_progress(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.queue.state()])
+            .unwrap_or_default()
+    }
+
     fn flush(&mut self) -> std::io::Result<()> {
         self.disk.flush()
     }

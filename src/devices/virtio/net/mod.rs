@@ -471,6 +471,13 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
         }
     }
 
+    fn queue_progress(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.rx.state(), a.tx.state()])
+            .unwrap_or_default()
+    }
+
     fn process_event(&mut self, source: u16, _: EventSet, interest: &mut dyn Interest) -> Work {
         match source {
             SOURCE_TX_LIMITER => {

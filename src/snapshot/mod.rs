@@ -1,0 +1,356 @@
+//! Snapshots: the state of a paused VM written to a state file and a memory file, and a
+//! VM rebuilt from them in a fresh ember process.
+//!
+//! `format` is the state file's framing (magic, versions, checksum), `vcpu` and
+//! `devices` what each part of the VM contributes, `memory` the memory file.
+
+pub mod devices;
+pub mod format;
+pub mod memory;
+pub mod merge;
+pub mod uffd;
+pub mod vcpu;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_bindings::{KVM_CLOCK_REALTIME, KVM_MAX_CPUID_ENTRIES, kvm_clock_data};
+use kvm_ioctls::Kvm;
+use serde::{Deserialize, Serialize};
+
+use crate::builder::{self, BuildError, BuildOptions, BuiltVm};
+use crate::config::VmConfig;
+use crate::config::snapshot::{
+    CreateSnapshotParams, LoadSnapshotParams, MemBackendType, SnapshotType,
+};
+use crate::vcpu::{ExitSignal, Vcpu, VcpuControl};
+use crate::vmm::Vmm;
+use devices::DevicesState;
+use format::pod;
+use memory::RegionState;
+use vcpu::VcpuState;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+/// Everything a snapshot holds besides guest memory.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MicrovmState {
+    /// The configuration the VM was built from (generated MACs filled in; no logger or
+    /// metrics: those belong to the process, not the VM).
+    pub config: VmConfig,
+    pub memory: Vec<RegionState>,
+    #[serde(with = "pod")]
+    pub clock: kvm_clock_data,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DevicesState,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot {what} the state file {path}: {source}")]
+    StateIo {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("state file {path}: {source}")]
+    Format {
+        path: String,
+        source: format::FormatError,
+    },
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryFileError),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuStateError),
+    #[error("vCPU {0} did not answer the state request (is it stuck?)")]
+    VcpuTimeout(usize),
+    #[error("KVM_GET_CLOCK: {0}")]
+    GetClock(kvm_ioctls::Error),
+    #[error("KVM_SET_CLOCK: {0}")]
+    SetClock(kvm_ioctls::Error),
+    #[error("the snapshot is inconsistent: {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Device(String),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Reads one vCPU's state on its own (paused) thread.
+fn save_vcpu(
+    control: &VcpuControl,
+    index: usize,
+    msr_list: &Arc<Vec<u32>>,
+) -> Result<VcpuState, SnapshotError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let msrs = msr_list.clone();
+    let task = move |fd: &mut kvm_ioctls::VcpuFd| {
+        let _ = tx.send(vcpu::save(fd, index as u8, &msrs));
+    };
+    // A vCPU asked to pause parks at its next exit; give it a moment if it has not yet.
+    let mut task: crate::vcpu::VcpuTask = Box::new(task);
+    let mut sent = false;
+    for _ in 0..500 {
+        match control.run_task(task) {
+            Ok(()) => {
+                sent = true;
+                break;
+            }
+            Err(t) => {
+                task = t;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+    if !sent {
+        return Err(SnapshotError::VcpuTimeout(index));
+    }
+    rx.recv_timeout(Duration::from_secs(5))
+        .map_err(|_| SnapshotError::VcpuTimeout(index))?
+        .map_err(SnapshotError::Vcpu)
+}
+
+/// Takes a snapshot of a paused VM: state file and memory file.
+pub fn create(
+    vmm: &Vmm,
+    config: &VmConfig,
+    params: &CreateSnapshotParams,
+) -> Result<(), SnapshotError> {
+    if config.vsock.is_some() {
+        // Its host connections live outside the VM; restoring them is not done yet.
+        return Err(SnapshotError::Unsupported(
+            "snapshots of a VM with a vsock device are not supported yet".into(),
+        ));
+    }
+    let started = std::time::Instant::now();
+    // Requests the guest made available complete now, so none is in flight in the file.
+    vmm.devices.drain_virtio();
+    let mut vcpus = Vec::with_capacity(vmm.controls.len());
+    for (i, c) in vmm.controls.iter().enumerate() {
+        vcpus.push(save_vcpu(c, i, &vmm.msr_list)?);
+    }
+    let clock = vmm.vm.get_clock().map_err(SnapshotError::GetClock)?;
+    let mut config = config.clone();
+    config.logger = None;
+    config.metrics = None;
+    // A generated MAC must stay the guest's after a restore.
+    for (id, mac) in vmm.devices.net_macs() {
+        if let Some(iface) = config
+            .network_interfaces
+            .iter_mut()
+            .find(|i| i.iface_id == id)
+        {
+            iface.guest_mac = Some(crate::config::MacAddr(mac));
+        }
+    }
+    let devices = vmm.devices.save_state();
+    let layout = memory::layout_for(config.machine_config.mem_size_mib as u64);
+    let state = MicrovmState {
+        config,
+        memory: layout.clone(),
+        clock,
+        vcpus,
+        devices,
+    };
+    let bytes = format::encode(&state).map_err(|source| SnapshotError::Format {
+        path: params.snapshot_path.clone(),
+        source,
+    })?;
+    match params.snapshot_type {
+        SnapshotType::Full => {
+            memory::save_full(&vmm.mem, &layout, &params.mem_file_path)?;
+            let track = state.config.machine_config.track_dirty_pages;
+            memory::reset_dirty(&vmm.vm, &vmm.mem, &layout, track);
+        }
+        SnapshotType::Diff => {
+            if !state.config.machine_config.track_dirty_pages {
+                return Err(SnapshotError::Unsupported(
+                    "a Diff snapshot needs dirty page tracking: set machine-config track_dirty_pages (or track_dirty_pages at load)".into(),
+                ));
+            }
+            let pages = memory::save_diff(&vmm.vm, &vmm.mem, &layout, &params.mem_file_path)?;
+            log::info!("diff snapshot: {pages} dirty pages");
+        }
+    }
+    std::fs::write(&params.snapshot_path, &bytes).map_err(|source| SnapshotError::StateIo {
+        what: "write",
+        path: params.snapshot_path.clone(),
+        source,
+    })?;
+    log::info!(
+        "snapshot {} ({} bytes of state) and {} written in {} us",
+        params.snapshot_path,
+        bytes.len(),
+        params.mem_file_path,
+        started.elapsed().as_micros()
+    );
+    Ok(())
+}
+
+/// Reads and checks a state file.
+pub fn read_state(path: &str) -> Result<MicrovmState, SnapshotError> {
+    let bytes = std::fs::read(path).map_err(|source| SnapshotError::StateIo {
+        what: "read",
+        path: path.to_string(),
+        source,
+    })?;
+    format::decode(&bytes).map_err(|source| SnapshotError::Format {
+        path: path.to_string(),
+        source,
+    })
+}
+
+/// Checks what the body's parser cannot: counts and sizes that must agree with each
+/// other and with the configuration.
+pub fn validate(state: &MicrovmState) -> Result<(), SnapshotError> {
+    let invalid = |m: String| Err(SnapshotError::Invalid(m));
+    let c = &state.config;
+    c.machine_config
+        .validate()
+        .map_err(|e| SnapshotError::Invalid(format!("machine-config: {e}")))?;
+    if state.vcpus.len() != usize::from(c.machine_config.vcpu_count) {
+        return invalid(format!(
+            "{} vCPU states for vcpu_count {}",
+            state.vcpus.len(),
+            c.machine_config.vcpu_count
+        ));
+    }
+    memory::check_layout(&state.memory, c.machine_config.mem_size_mib as u64)?;
+    let devices = c.drives.len() + c.network_interfaces.len();
+    if state.devices.virtio.len() != devices {
+        return invalid(format!(
+            "{} virtio device states for {devices} configured drives and interfaces",
+            state.devices.virtio.len()
+        ));
+    }
+    for (i, v) in state.vcpus.iter().enumerate() {
+        if v.cpuid.is_empty() || v.cpuid.len() > KVM_MAX_CPUID_ENTRIES {
+            return invalid(format!("vCPU {i} has {} CPUID entries", v.cpuid.len()));
+        }
+        if v.msrs.len() > kvm_bindings::KVM_MAX_MSR_ENTRIES {
+            return invalid(format!("vCPU {i} has {} MSRs", v.msrs.len()));
+        }
+    }
+    Ok(())
+}
+
+/// Rebuilds a VM from a snapshot; its vCPUs are ready to run but not started.
+pub fn restore(
+    mut state: MicrovmState,
+    params: &LoadSnapshotParams,
+    opts: &BuildOptions,
+    exit: Arc<ExitSignal>,
+) -> Result<(BuiltVm, VmConfig), SnapshotError> {
+    validate(&state)?;
+    let backend = params
+        .backend()
+        .map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+    for o in &params.network_overrides {
+        let Some(iface) = state
+            .config
+            .network_interfaces
+            .iter_mut()
+            .find(|i| i.iface_id == o.iface_id)
+        else {
+            return Err(SnapshotError::Invalid(format!(
+                "network_overrides: the snapshot has no network interface `{}`",
+                o.iface_id
+            )));
+        };
+        iface.host_dev_name.clone_from(&o.host_dev_name);
+    }
+    let track = params.track_dirty();
+    state.config.machine_config.track_dirty_pages = track;
+    let config = state.config.clone();
+    let mem_mib = config.machine_config.mem_size_mib as u64;
+
+    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| BuildError::KvmCall {
+            what: "KVM_GET_SUPPORTED_CPUID",
+            source,
+        })?;
+    let host = vcpu::host_cpuid(supported.as_slice());
+    for (i, v) in state.vcpus.iter().enumerate() {
+        vcpu::check_cpuid(&v.cpuid, &host)
+            .map_err(|e| SnapshotError::Unsupported(format!("vCPU {i}: {e}")))?;
+    }
+    let (_, vm) = builder::create_vm()?;
+    vcpu::check_xsave_size(&vm).map_err(SnapshotError::Unsupported)?;
+
+    let (mem, uffd) = match backend.backend_type {
+        MemBackendType::File => (
+            memory::map_file(&backend.backend_path, &state.memory, mem_mib)?,
+            None,
+        ),
+        MemBackendType::Uffd => {
+            let ranges: Vec<_> = state
+                .memory
+                .iter()
+                .map(|r| (vm_memory::GuestAddress(r.guest_addr), r.size as usize))
+                .collect();
+            let mem = crate::vm::memory::GuestMemory::from_ranges(&ranges)
+                .map_err(|e| SnapshotError::Device(format!("cannot map guest memory: {e}")))?;
+            let b = uffd::connect(&mem, &state.memory, &backend.backend_path)
+                .map_err(SnapshotError::Unsupported)?;
+            (mem, Some(b))
+        }
+    };
+    crate::vm::memory::register(&vm, &mem, track).map_err(BuildError::Memory)?;
+
+    let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::Io)?;
+    let mut devices = builder::create_devices(&config, opts, &vm, &mem, &reset_evt)?;
+    devices
+        .restore_state(&state.devices)
+        .map_err(SnapshotError::Device)?;
+    let (pio, mmio) = devices.buses();
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    let mut controls = Vec::with_capacity(state.vcpus.len());
+    for (index, saved) in state.vcpus.iter().enumerate() {
+        let fd = vm
+            .create_vcpu(index as u64)
+            .map_err(|source| BuildError::KvmCall {
+                what: "KVM_CREATE_VCPU",
+                source,
+            })?;
+        vcpu::restore(&fd, index as u8, saved)?;
+        let control = Arc::new(VcpuControl::default());
+        controls.push(control.clone());
+        vcpus.push(Vcpu {
+            fd,
+            index: index as u8,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            exit: exit.clone(),
+            control,
+        });
+    }
+    // Last: kvmclock goes on from the saved value (or, with clock_realtime, from it
+    // plus the wall-clock time since the snapshot).
+    let mut clock = state.clock;
+    clock.flags = if params.clock_realtime {
+        clock.flags & KVM_CLOCK_REALTIME
+    } else {
+        0
+    };
+    vm.set_clock(&clock).map_err(SnapshotError::SetClock)?;
+    let built = BuiltVm {
+        vm,
+        mem,
+        devices,
+        exit,
+        reset_evt,
+        vcpus,
+        controls,
+        cmdline: String::new(),
+        msr_list: builder::msr_list(&kvm),
+        keep_alive: match uffd {
+            Some(b) => vec![Box::new(b)],
+            None => Vec::new(),
+        },
+    };
+    Ok((built, config))
+}
