@@ -32,6 +32,7 @@ const GUEST_SOURCES: &[&str] = &[
     "hostile.c",
     "vsock.c",
     "mmds.c",
+    "snap.c",
 ];
 const GUEST_OTHER_INPUTS: &[&str] = &["guest.h", "virtio.h", "guest.ld"];
 const GUEST_IMAGE: &str = "ember-test-guest";

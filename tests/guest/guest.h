@@ -126,5 +126,7 @@ void net_bench(uint64_t base, const char *cmdline);
 void vsock_run(uint64_t base, const char *cmdline);
 /* mmds.c: an ARP + TCP + HTTP client of the metadata service (mmds_script=...). */
 void mmds_test(uint64_t base, const char *cmdline);
+/* snap.c: never returns (README.md, mode `snap`). */
+void snap_loop(const char *cmdline) __attribute__((noreturn));
 
 #endif

@@ -29,6 +29,7 @@
 #define MODE_MMDS (1u << 11)
 #define MODE_RNG (1u << 12)
 #define MODE_BALLOON (1u << 13)
+#define MODE_SNAP (1u << 14)
 
 /* Where no device lives in ember: an I/O port (QEMU's fw_cfg, absent in ember) and a
  * page inside the MMIO gap above the virtio windows. Both must read as all ones. */
@@ -97,6 +98,7 @@ static unsigned parse_modes(void)
 		{"flood", MODE_FLOOD}, {"blkbench", MODE_BLKBENCH}, {"netbench", MODE_NETBENCH},
 		{"hostile", MODE_HOSTILE}, {"vsock", MODE_VSOCK},
 		{"mmds", MODE_MMDS}, {"rng", MODE_RNG}, {"balloon", MODE_BALLOON},
+		{"snap", MODE_SNAP},
 	};
 	unsigned modes = 0;
 	const char *p = NULL;
@@ -458,6 +460,8 @@ void guest_main(const uint8_t *boot_params)
 		virtio_for_each(cmdline, 19, "vsock", vsock_run);
 	if (modes & MODE_COUNTER)
 		counter_loop();
+	if (modes & MODE_SNAP)
+		snap_loop(cmdline);
 	puts_serial("ember-test-guest: done\n");
 	reset_machine();
 }

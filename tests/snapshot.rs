@@ -1,0 +1,746 @@
+//! Snapshot and restore of real VMs: the test guest's `snap` mode keeps state the host
+//! can follow (a counter in guest memory, a LAPIC timer's tick count, a virtio-blk queue
+//! in use with a disk write sequence, a tag read from the serial input).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(60);
+
+/// An ember process serving the API, its console output collected as it arrives.
+struct Ember {
+    child: Child,
+    sock: PathBuf,
+    out: Arc<Mutex<String>>,
+    stdin: Option<ChildStdin>,
+}
+
+impl Ember {
+    fn start(dir: &TempDir, name: &str, config: Option<&Path>) -> Ember {
+        let sock = dir.path(&format!("{name}.sock"));
+        let mut cmd = Command::new(EMBER);
+        cmd.arg("--api-sock").arg(&sock);
+        if let Some(c) = config {
+            cmd.arg("--config-file").arg(c);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn ember");
+        let out = Arc::new(Mutex::new(String::new()));
+        let mut stdout = child.stdout.take().expect("stdout");
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let stdin = child.stdin.take();
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(start.elapsed() < T, "ember's API socket never appeared");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ember {
+            child,
+            sock,
+            out,
+            stdin,
+        }
+    }
+
+    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        // The socket file appears at bind(), a moment before listen().
+        let start = Instant::now();
+        let mut s = loop {
+            match UnixStream::connect(&self.sock) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() < T => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => panic!("connect: {e}"),
+            }
+        };
+        s.set_read_timeout(Some(T)).unwrap();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut r = BufReader::new(s);
+        let mut status_line = String::new();
+        r.read_line(&mut status_line).unwrap();
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).unwrap();
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut b = vec![0u8; len];
+        r.read_exact(&mut b).unwrap();
+        (status, String::from_utf8_lossy(&b).into_owned())
+    }
+
+    fn ok(&self, method: &str, path: &str, body: &str) {
+        let (status, answer) = self.request(method, path, body);
+        assert_eq!(
+            status,
+            204,
+            "{method} {path} {body}: {answer}\nconsole:\n{}",
+            self.output()
+        );
+    }
+
+    fn output(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    /// Waits until the console has a complete `snap <n>` line with n >= `n`.
+    fn wait_counter(&self, n: u64) -> Vec<Line> {
+        let start = Instant::now();
+        loop {
+            let lines = snap_lines(&self.output());
+            if lines.last().is_some_and(|l| l.n >= n) {
+                return lines;
+            }
+            assert!(
+                start.elapsed() < T,
+                "no `snap {n}` line; console:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn snapshot(&self, state: &Path, mem: &Path) {
+        self.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+        self.ok(
+            "PUT",
+            "/snapshot/create",
+            &format!(
+                r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+                state.display(),
+                mem.display()
+            ),
+        );
+    }
+
+    fn load(&self, state: &Path, mem: &Path, resume: bool) {
+        self.ok("PUT", "/snapshot/load", &load_body(state, mem, resume));
+    }
+}
+
+impl Drop for Ember {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn load_body(state: &Path, mem: &Path, resume: bool) -> String {
+    format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": {resume}}}"#,
+        state.display(),
+        mem.display()
+    )
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Line {
+    n: u64,
+    ticks: u64,
+    disk: String,
+    tag: String,
+}
+
+/// The complete `snap <n> ticks=<t> disk=<d> tag=<tag>` lines of a console.
+fn snap_lines(out: &str) -> Vec<Line> {
+    let complete = match out.rfind('\n') {
+        Some(i) => &out[..i],
+        None => "",
+    };
+    complete
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("snap ")?;
+            let mut it = rest.split(' ');
+            let n = it.next()?.parse().ok()?;
+            let ticks = it.next()?.strip_prefix("ticks=")?.parse().ok()?;
+            let disk = it.next()?.strip_prefix("disk=")?.to_string();
+            let tag = it.next().and_then(|t| t.strip_prefix("tag="))?.to_string();
+            Some(Line {
+                n,
+                ticks,
+                disk,
+                tag,
+            })
+        })
+        .collect()
+}
+
+fn snap_config(dir: &TempDir, vcpus: u32, mem_mib: u64, disk: Option<&Path>) -> PathBuf {
+    let drives = disk
+        .map(|d| {
+            format!(
+                r#""drives": [{{"drive_id": "d0", "path_on_host": "{}", "is_root_device": false}}]"#,
+                d.display()
+            )
+        })
+        .unwrap_or_default();
+    let config = guest_config("console=ttyS0 ember_test=snap", vcpus, mem_mib, &drives);
+    let path = dir.path("vm.json");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+/// The console of the original run and of the restored one joined where the snapshot cut
+/// them: the counter must go on by exactly one per line, with no line lost or repeated.
+fn assert_continues(before: &str, after: &str) -> (Vec<Line>, Vec<Line>) {
+    let joined = format!("{before}{after}");
+    let all = snap_lines(&joined);
+    for w in all.windows(2) {
+        assert_eq!(
+            w[1].n,
+            w[0].n + 1,
+            "the counter jumped\nbefore:\n{before}\nafter:\n{after}"
+        );
+        assert!(
+            w[1].ticks >= w[0].ticks,
+            "the timer's tick count went back\nbefore:\n{before}\nafter:\n{after}"
+        );
+    }
+    (snap_lines(before), all)
+}
+
+fn sector(disk: &Path, n: u64) -> String {
+    let data = std::fs::read(disk).unwrap();
+    let at = ((8 + n % 16) * 512) as usize;
+    let s = &data[at..at + 512];
+    let end = s.iter().position(|b| *b == 0).unwrap_or(512);
+    String::from_utf8_lossy(&s[..end]).into_owned()
+}
+
+/// Boots the snap guest on 2 vCPUs with a disk, snapshots it mid-run, restores it in a
+/// new ember process: counter, timer, disk queue and disk contents carry on exactly.
+#[test]
+fn restore_continues_exactly() {
+    let dir = TempDir::new("snap-restore");
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let config = snap_config(&dir, 2, 64, Some(&disk));
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+
+    let first = Ember::start(&dir, "a", Some(&config));
+    first.wait_counter(3);
+    first.snapshot(&state, &mem);
+    let before = first.output();
+    drop(first);
+    let last = snap_lines(&before).last().cloned().expect("a snap line");
+
+    let second = Ember::start(&dir, "b", None);
+    second.load(&state, &mem, true);
+    second.wait_counter(last.n + 5);
+    let (_, all) = assert_continues(&before, &second.output());
+    let after: Vec<&Line> = all.iter().filter(|l| l.n > last.n).collect();
+    assert!(after.len() >= 5, "{all:?}");
+    for l in &all {
+        assert_eq!(l.disk, "ok", "{all:?}");
+    }
+    // The timer still fires after the restore.
+    let end = all.last().unwrap();
+    assert!(end.ticks > last.ticks + 5, "timer stopped: {all:?}");
+    // The disk holds the latest write of the restored guest.
+    second.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let now = snap_lines(&second.output()).last().unwrap().n;
+    assert_eq!(sector(&disk, now), format!("snap {now}"));
+    // The state file says what it holds: 2 vCPUs.
+    let text = std::fs::read(&state).unwrap();
+    let body = String::from_utf8_lossy(&text);
+    assert!(body.contains(r#""vcpu_count":2"#), "{}", &body[..200]);
+}
+
+/// snapshot -> restore -> snapshot -> restore, the second restore resumed through the
+/// API after loading paused.
+#[test]
+fn chain_of_snapshots() {
+    let dir = TempDir::new("snap-chain");
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let config = snap_config(&dir, 1, 64, Some(&disk));
+    let (s1, m1) = (dir.path("1.state"), dir.path("1.mem"));
+    let (s2, m2) = (dir.path("2.state"), dir.path("2.mem"));
+
+    let a = Ember::start(&dir, "a", Some(&config));
+    a.wait_counter(2);
+    a.snapshot(&s1, &m1);
+    let out_a = a.output();
+    drop(a);
+
+    let b = Ember::start(&dir, "b", None);
+    b.load(&s1, &m1, false);
+    // Loaded paused: nothing runs until Resumed.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(snap_lines(&b.output()).is_empty(), "{}", b.output());
+    let (_, info) = b.request("GET", "/", "");
+    assert!(info.contains(r#""state":"Paused""#), "{info}");
+    b.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    let n = snap_lines(&out_a).last().unwrap().n;
+    b.wait_counter(n + 3);
+    b.snapshot(&s2, &m2);
+    let out_b = b.output();
+    drop(b);
+
+    let c = Ember::start(&dir, "c", None);
+    c.load(&s2, &m2, true);
+    let m = snap_lines(&format!("{out_a}{out_b}")).last().unwrap().n;
+    c.wait_counter(m + 3);
+    let (_, all) = assert_continues(&format!("{out_a}{out_b}"), &c.output());
+    assert!(all.iter().all(|l| l.disk == "ok"), "{all:?}");
+    // GET /vm/config of the restored VM is the snapshot's configuration.
+    let (_, cfg) = c.request("GET", "/vm/config", "");
+    assert!(
+        cfg.contains("ember_test=snap") && cfg.contains("disk.img"),
+        "{cfg}"
+    );
+}
+
+/// 50 clones of one snapshot run at once on one MAP_PRIVATE memory file: each gets its
+/// own tag through its console and sees only its own memory writes (its counter and its
+/// tag); the memory file is unchanged.
+#[test]
+fn fifty_clones_share_one_memory_file() {
+    let dir = TempDir::new("snap-clones");
+    let config = snap_config(&dir, 1, 32, None);
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+    let a = Ember::start(&dir, "orig", Some(&config));
+    a.wait_counter(1);
+    a.snapshot(&state, &mem);
+    let base = snap_lines(&a.output()).last().unwrap().n;
+    drop(a);
+    let mem_before = std::fs::read(&mem).unwrap();
+
+    let mut clones: Vec<Ember> = (0..50)
+        .map(|i| {
+            let e = Ember::start(&dir, &format!("c{i}"), None);
+            e.load(&state, &mem, true);
+            e
+        })
+        .collect();
+    for (i, c) in clones.iter_mut().enumerate() {
+        let tag = format!("clone{i}\n");
+        c.stdin.as_mut().unwrap().write_all(tag.as_bytes()).unwrap();
+    }
+    for (i, c) in clones.iter().enumerate() {
+        let want = format!("clone{i}");
+        let start = Instant::now();
+        loop {
+            let lines = snap_lines(&c.output());
+            if let Some(l) = lines.iter().find(|l| !l.tag.is_empty()) {
+                assert_eq!(l.tag, want, "clone {i}: {lines:?}");
+                // Its own counter: it starts after the snapshot's and steps by one.
+                assert!(lines.first().unwrap().n > base);
+                for w in lines.windows(2) {
+                    assert_eq!(w[1].n, w[0].n + 1, "clone {i}: {lines:?}");
+                }
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "clone {i} never showed its tag:\n{}",
+                c.output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    drop(clones);
+    assert!(
+        std::fs::read(&mem).unwrap() == mem_before,
+        "a clone wrote to the shared memory file"
+    );
+}
+
+/// A failed load answers 400 with the reason and leaves ember pre-boot: a good load in
+/// the same process then works.
+#[test]
+fn bad_loads_are_refused_and_leave_ember_pre_boot() {
+    let dir = TempDir::new("snap-bad");
+    let config = snap_config(&dir, 1, 32, None);
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+    let a = Ember::start(&dir, "orig", Some(&config));
+    a.wait_counter(1);
+    // Not paused: refused.
+    let (status, e) = a.request(
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+    assert_eq!(status, 400);
+    assert!(e.contains("pause it first"), "{e}");
+    a.snapshot(&state, &mem);
+    // Loading into a VM that runs: refused.
+    let (status, e) = a.request("PUT", "/snapshot/load", &load_body(&state, &mem, true));
+    assert_eq!(status, 400);
+    assert!(e.contains("not supported after starting"), "{e}");
+    drop(a);
+
+    let good = std::fs::read(&state).unwrap();
+    let b = Ember::start(&dir, "b", None);
+    let bad = dir.path("bad.state");
+    let try_load = |bytes: &[u8], mem: &Path, want: &str| {
+        std::fs::write(&bad, bytes).unwrap();
+        let (status, e) = b.request("PUT", "/snapshot/load", &load_body(&bad, mem, true));
+        assert_eq!(status, 400, "{e}");
+        assert!(e.contains(want), "want `{want}` in {e}");
+    };
+    try_load(&good[..good.len() / 2], &mem, "truncated");
+    let mut flipped = good.clone();
+    let last = flipped.len() - 10;
+    flipped[last] ^= 1;
+    try_load(&flipped, &mem, "checksum");
+    try_load(b"GIF89a", &mem, "truncated");
+    try_load(
+        b"GIF89a and some more bytes here",
+        &mem,
+        "not an ember snapshot",
+    );
+    let short_mem = dir.path("short.mem");
+    std::fs::write(&short_mem, b"x").unwrap();
+    try_load(&good, &short_mem, "is 1 bytes");
+    try_load(
+        &good,
+        &dir.path("missing.mem"),
+        "cannot open the memory file",
+    );
+    let (status, e) = b.request("PUT", "/snapshot/load", r#"{"snapshot_path": "/x"}"#);
+    assert_eq!(status, 400);
+    assert!(e.contains("mem_backend"), "{e}");
+    // Still pre-boot: the good snapshot loads.
+    b.load(&state, &mem, true);
+    b.wait_counter(snap_lines(&b.output()).first().map_or(0, |l| l.n) + 2);
+
+    // Configured boot resources first: refused, as in Firecracker.
+    let c = Ember::start(&dir, "c", None);
+    c.ok(
+        "PUT",
+        "/boot-source",
+        &format!(r#"{{"kernel_image_path": "{}"}}"#, guest()),
+    );
+    let (status, e) = c.request("PUT", "/snapshot/load", &load_body(&state, &mem, true));
+    assert_eq!(status, 400);
+    assert!(e.contains("boot-specific resources"), "{e}");
+}
+
+/// Full snapshot, more guest work, Diff snapshot; the diff merged onto the base memory
+/// file restores the Diff snapshot's state exactly (including the pages ember itself
+/// wrote: disk reads and used rings).
+#[test]
+fn diff_snapshot_merged_onto_its_base() {
+    let dir = TempDir::new("snap-diff");
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let config = dir.path("vm.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "console=ttyS0 ember_test=snap"}},
+                "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true}},
+                "drives": [{{"drive_id": "d0", "path_on_host": "{}", "is_root_device": false}}]}}"#,
+            guest(),
+            disk.display()
+        ),
+    )
+    .unwrap();
+    let (s1, base) = (dir.path("full.state"), dir.path("full.mem"));
+    let (s2, diff) = (dir.path("diff.state"), dir.path("diff.mem"));
+    let a = Ember::start(&dir, "a", Some(&config));
+    a.wait_counter(2);
+    a.snapshot(&s1, &base);
+    a.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    let n = snap_lines(&a.output()).last().unwrap().n;
+    a.wait_counter(n + 4);
+    a.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    a.ok(
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_type": "Diff", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            s2.display(),
+            diff.display()
+        ),
+    );
+    let before = a.output();
+    drop(a);
+    // A diff holds far fewer pages than the 64 MiB of RAM.
+    let allocated = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&diff).unwrap().blocks() * 512
+    };
+    assert!(allocated < 16 << 20, "{allocated} bytes in the diff");
+
+    let out = Command::new(EMBER)
+        .args(["snapshot-merge", "--base"])
+        .arg(&base)
+        .arg("--diff")
+        .arg(&diff)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let b = Ember::start(&dir, "b", None);
+    b.load(&s2, &base, true);
+    let last = snap_lines(&before).last().unwrap().n;
+    b.wait_counter(last + 3);
+    let (_, all) = assert_continues(&before, &b.output());
+    assert!(all.iter().all(|l| l.disk == "ok"), "{all:?}");
+}
+
+/// A page-fault handler of our own, written to Firecracker's handshake: it accepts one
+/// connection, receives the userfaultfd and the region list, and fills each page on first
+/// touch from the memory file. Returns the number of pages it served when told to stop.
+struct UffdHandler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<(u64, String), String>>>,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+impl UffdHandler {
+    fn start(socket: &Path, mem_file: &Path) -> UffdHandler {
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+        let file = std::fs::File::open(mem_file).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; 4096];
+            let (n, fd) = stream
+                .recv_with_fd(&mut buf[..])
+                .map_err(|e| format!("recv: {e}"))?;
+            let uffd = fd.ok_or("no userfaultfd received")?;
+            let json = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let regions: serde_json::Value =
+                serde_json::from_str(&json).map_err(|e| format!("{e}: {json}"))?;
+            let regions: Vec<(u64, u64, u64)> = regions
+                .as_array()
+                .ok_or("not an array")?
+                .iter()
+                .map(|r| {
+                    assert_eq!(r["page_size"], 4096);
+                    (
+                        r["base_host_virt_addr"].as_u64().unwrap(),
+                        r["size"].as_u64().unwrap(),
+                        r["offset"].as_u64().unwrap(),
+                    )
+                })
+                .collect();
+            let len = file.metadata().unwrap().len() as usize;
+            // SAFETY: a read-only private mapping of the whole memory file.
+            let src = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            assert_ne!(src, libc::MAP_FAILED);
+            let mut served = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut pfd = libc::pollfd {
+                    fd: uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd.
+                if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
+                    continue;
+                }
+                let mut msg = [0u8; 32];
+                // SAFETY: reading one uffd_msg into a buffer of its size.
+                let r = unsafe { libc::read(uffd.as_raw_fd(), msg.as_mut_ptr().cast(), 32) };
+                if r != 32 || msg[0] != UFFD_EVENT_PAGEFAULT {
+                    continue;
+                }
+                let addr = u64::from_le_bytes(msg[16..24].try_into().unwrap()) & !4095;
+                let Some((base, _, offset)) =
+                    regions.iter().find(|(b, s, _)| addr >= *b && addr < b + s)
+                else {
+                    return Err(format!("fault outside the regions at {addr:#x}"));
+                };
+                let mut copy = UffdioCopy {
+                    dst: addr,
+                    src: src as u64 + offset + (addr - base),
+                    len: 4096,
+                    mode: 0,
+                    copy: 0,
+                };
+                // SAFETY: UFFDIO_COPY with one uffdio_copy.
+                unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY, &mut copy) };
+                served += 1;
+            }
+            Ok((served, json))
+        });
+        UffdHandler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> (u64, String) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap().unwrap()
+    }
+}
+
+/// The Uffd backend: ember hands its userfaultfd and regions to a handler of our own
+/// (Firecracker's handshake), which serves every page; the guest continues exactly.
+#[test]
+fn uffd_backend_with_a_handler_of_our_own() {
+    let dir = TempDir::new("snap-uffd");
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let config = snap_config(&dir, 1, 64, Some(&disk));
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+    let a = Ember::start(&dir, "a", Some(&config));
+    a.wait_counter(2);
+    a.snapshot(&state, &mem);
+    let before = a.output();
+    drop(a);
+
+    let sock = dir.path("uffd.sock");
+    let handler = UffdHandler::start(&sock, &mem);
+    let b = Ember::start(&dir, "b", None);
+    b.ok(
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "Uffd", "backend_path": "{}"}}, "resume_vm": true}}"#,
+            state.display(),
+            sock.display()
+        ),
+    );
+    let last = snap_lines(&before).last().unwrap().n;
+    b.wait_counter(last + 3);
+    let (_, all) = assert_continues(&before, &b.output());
+    assert!(all.iter().all(|l| l.disk == "ok"), "{all:?}");
+    drop(b);
+    let (served, json) = handler.finish();
+    assert!(served > 10, "the handler served {served} pages");
+    assert!(json.contains("page_size_kib"), "{json}");
+
+    // No handler at the socket: 400, ember stays pre-boot.
+    let c = Ember::start(&dir, "c", None);
+    let (status, e) = c.request(
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "Uffd", "backend_path": "{}"}}}}"#,
+            state.display(),
+            dir.path("nobody.sock").display()
+        ),
+    );
+    assert_eq!(status, 400);
+    assert!(e.contains("page-fault handler"), "{e}");
+}
+
+/// `ember --no-api --restore FILE`: the PUT /snapshot/load body from a file, no API round
+/// trip; a bad file exits with the bad-configuration code and says why.
+#[test]
+fn restore_flag_starts_without_the_api() {
+    let dir = TempDir::new("snap-flag");
+    let config = snap_config(&dir, 1, 32, None);
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+    let a = Ember::start(&dir, "a", Some(&config));
+    a.wait_counter(1);
+    a.snapshot(&state, &mem);
+    let before = a.output();
+    drop(a);
+
+    let load = dir.path("load.json");
+    std::fs::write(&load, load_body(&state, &mem, true)).unwrap();
+    let mut child = Command::new(EMBER)
+        .args(["--no-api", "--restore"])
+        .arg(&load)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let last = snap_lines(&before).last().unwrap().n;
+    let mut after = String::new();
+    let got = read_until(&mut reader, T, |l| {
+        after.push_str(l);
+        after.push('\n');
+        snap_lines(&after).last().is_some_and(|x| x.n >= last + 2)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(got.is_some(), "restored guest did not go on:\n{after}");
+    assert_continues(&before, &after);
+
+    std::fs::write(
+        &load,
+        r#"{"snapshot_path": "/nonexistent", "mem_file_path": "/x"}"#,
+    )
+    .unwrap();
+    let out = Command::new(EMBER)
+        .args(["--no-api", "--restore"])
+        .arg(&load)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(152), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot read the state file /nonexistent"),
+        "{err}"
+    );
+}
