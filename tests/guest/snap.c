@@ -43,7 +43,8 @@ static size_t tag_len;
  * the first N MiB of this buffer, so each clone of a snapshot copies that much memory
  * (the clones benchmark measures it). */
 #define TOUCH_MAX_MIB 8
-static uint8_t touch_buf[TOUCH_MAX_MIB << 20] NOINIT __attribute__((aligned(4096)));
+/* volatile: the stores are never read back, and must not be optimised away. */
+static volatile uint8_t touch_buf[TOUCH_MAX_MIB << 20] NOINIT __attribute__((aligned(4096)));
 static uint64_t touch_bytes;
 
 void snap_timer_isr(void);
