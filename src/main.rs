@@ -170,6 +170,32 @@ fn version_text() -> String {
     )
 }
 
+/// `--snapshot-version`: the state-file format version, first and alone on its line as
+/// Firecracker prints its snapshot data format version; then which files this ember reads.
+fn snapshot_version_text() -> String {
+    use ember::snapshot::format::{EMBER_VERSION, FORMAT_VERSION};
+    format!(
+        "v{FORMAT_VERSION}\n\nember v{EMBER_VERSION} writes snapshot format v{FORMAT_VERSION} and restores \
+         format v{FORMAT_VERSION} state files written by ember v{EMBER_VERSION}\n"
+    )
+}
+
+/// `--describe-snapshot FILE`: the file's format version first, as Firecracker prints
+/// its snapshot's data format version; then the ember that wrote it.
+fn describe_text(d: &ember::snapshot::format::Description) -> String {
+    use ember::snapshot::format::{EMBER_VERSION, FORMAT_VERSION};
+    let detail = match &d.ember_version {
+        Some(v) if d.loadable() => format!("written by ember v{v}; this ember can restore it"),
+        Some(v) => format!(
+            "written by ember v{v}; this ember (v{EMBER_VERSION}) cannot restore it: use the ember that wrote it"
+        ),
+        None => format!(
+            "a snapshot format this ember (v{EMBER_VERSION}) does not know: it reads format v{FORMAT_VERSION}"
+        ),
+    };
+    format!("v{}\n\n{detail}\n", d.format)
+}
+
 /// One warning line for each flag ember accepts but does not act on (yet).
 fn warn_unimplemented_flags(args: &cli::Args) {
     if let Some(n) = &args.jailer_node {
@@ -220,11 +246,16 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
         print!("{}", version_text());
         return Ok(exit_code::OK);
     }
-    if args.snapshot_version || args.describe_snapshot.is_some() {
-        return Err(StartError::Snapshot(
-            "--snapshot-version / --describe-snapshot: this ember has no snapshot support yet"
-                .into(),
-        ));
+    if args.snapshot_version {
+        print!("{}", snapshot_version_text());
+        return Ok(exit_code::OK);
+    }
+    if let Some(path) = &args.describe_snapshot {
+        let path = path.to_string_lossy();
+        let d = ember::snapshot::describe_state(&path)
+            .map_err(|e| StartError::Snapshot(format!("--describe-snapshot: {e}")))?;
+        print!("{}", describe_text(&d));
+        return Ok(exit_code::OK);
     }
     let jail_args = jail::JailArgs::from_cli(&args)?;
     let mut jail_guard = None;

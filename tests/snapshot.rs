@@ -744,3 +744,76 @@ fn restore_flag_starts_without_the_api() {
         "{err}"
     );
 }
+
+/// `--snapshot-version` and `--describe-snapshot`, Firecracker's flags: the format version
+/// first and alone on its line (as Firecracker prints its snapshot data format version),
+/// exit 0; a file that is no state file, or a damaged one, is a clear error with exit 1.
+#[test]
+fn snapshot_version_and_describe_snapshot() {
+    use ember::snapshot::format::{EMBER_VERSION, FORMAT_VERSION};
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(EMBER).args(args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stdout, stderr)
+    };
+    let v = format!("v{FORMAT_VERSION}");
+
+    let (code, out, err) = run(&["--snapshot-version".as_ref()]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out.lines().next(), Some(v.as_str()), "{out}");
+    assert!(out.contains(&format!("ember v{EMBER_VERSION}")), "{out}");
+
+    let dir = TempDir::new("snap-describe");
+    let config = snap_config(&dir, 1, 32, None);
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+    let a = Ember::start(&dir, "a", Some(&config));
+    a.wait_counter(1);
+    a.snapshot(&state, &mem);
+    drop(a);
+    let describe = |p: &Path| run(&["--describe-snapshot".as_ref(), p.as_os_str()]);
+
+    let (code, out, err) = describe(&state);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out.lines().next(), Some(v.as_str()), "{out}");
+    assert!(
+        out.contains(&format!(
+            "written by ember v{EMBER_VERSION}; this ember can restore it"
+        )),
+        "{out}"
+    );
+
+    // Damaged copies of the state file (another ember's file is in format.rs's tests).
+    let bytes = std::fs::read(&state).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("truncated", bytes[..bytes.len() / 2].to_vec(), "truncated"),
+        ("empty", Vec::new(), "truncated"),
+        (
+            "flipped",
+            {
+                let mut b = bytes.clone();
+                *b.last_mut().unwrap() ^= 1;
+                b
+            },
+            "checksum",
+        ),
+    ];
+    for (name, content, want) in cases {
+        let p = dir.path(name);
+        std::fs::write(&p, content).unwrap();
+        let (code, out, err) = describe(&p);
+        assert_eq!(code, Some(1), "{name}: {out}{err}");
+        assert!(out.is_empty(), "{name}: {out}");
+        assert!(
+            err.contains("--describe-snapshot") && err.contains(want),
+            "{name}: {err}"
+        );
+    }
+    // The memory file by mistake, and a missing file.
+    let (code, _, err) = describe(&mem);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not an ember snapshot state file"), "{err}");
+    let (code, _, err) = describe(&dir.path("missing"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot read the state file"), "{err}");
+}

@@ -29,6 +29,9 @@ const MAX_VERSION_LEN: usize = 64;
 /// Far above any real state (a vCPU is about 20 KiB of JSON): a bound on what a crafted
 /// header can make ember allocate.
 pub const MAX_BODY_LEN: u64 = 64 << 20;
+/// The largest state file: the longest header (26 bytes and the version string), then the
+/// largest body.
+pub const MAX_FILE_LEN: u64 = 26 + MAX_VERSION_LEN as u64 + MAX_BODY_LEN;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
@@ -147,30 +150,47 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Checks a state file's header and checksum and parses its body.
-pub fn decode<T: DeserializeOwned>(data: &[u8]) -> Result<T, FormatError> {
-    let mut r = Reader { data, at: 0 };
+/// What `ember --describe-snapshot` reports of a state file.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Description {
+    /// The format version in the header.
+    pub format: u32,
+    /// The ember version that wrote the file; `None` for a format this ember does not
+    /// know, whose layout after the format field it cannot interpret.
+    pub ember_version: Option<String>,
+}
+
+impl Description {
+    /// Whether this ember can restore the file (as far as the header tells).
+    pub fn loadable(&self) -> bool {
+        self.format == FORMAT_VERSION && self.ember_version.as_deref() == Some(EMBER_VERSION)
+    }
+}
+
+/// Reads the magic and the format version, the part of the header every format shares.
+fn read_format(r: &mut Reader<'_>) -> Result<u32, FormatError> {
     let magic = r.array::<8>("the magic")?;
     if magic != MAGIC {
         return Err(FormatError::BadMagic {
             found: magic.to_vec(),
         });
     }
-    let format = u32::from_le_bytes(r.array("the format version")?);
-    if format != FORMAT_VERSION {
-        return Err(FormatError::FormatVersion { found: format });
-    }
+    Ok(u32::from_le_bytes(r.array("the format version")?))
+}
+
+/// Reads the ember version string (format 1).
+fn read_ember_version<'a>(r: &mut Reader<'a>) -> Result<&'a str, FormatError> {
     let vlen = usize::from(u16::from_le_bytes(r.array("the version length")?));
     if vlen > MAX_VERSION_LEN {
         return Err(FormatError::BadVersionField { len: vlen });
     }
-    let version = std::str::from_utf8(r.take("the ember version", vlen)?)
-        .map_err(|_| FormatError::BadVersionField { len: vlen })?;
-    if version != EMBER_VERSION {
-        return Err(FormatError::EmberVersion {
-            found: version.escape_default().to_string(),
-        });
-    }
+    std::str::from_utf8(r.take("the ember version", vlen)?)
+        .map_err(|_| FormatError::BadVersionField { len: vlen })
+}
+
+/// Reads the body length, checksum and body (format 1), and checks that the file ends
+/// there and that the checksum covers it.
+fn read_body<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], FormatError> {
     let body_len = u64::from_le_bytes(r.array("the body length")?);
     if body_len > MAX_BODY_LEN {
         return Err(FormatError::BodyTooLarge { len: body_len });
@@ -178,16 +198,55 @@ pub fn decode<T: DeserializeOwned>(data: &[u8]) -> Result<T, FormatError> {
     let covered = r.at;
     let stored = u32::from_le_bytes(r.array("the checksum")?);
     let body = r.take("the body", body_len as usize)?;
-    if r.at != data.len() {
+    if r.at != r.data.len() {
         return Err(FormatError::TrailingBytes {
-            extra: data.len() - r.at,
+            extra: r.data.len() - r.at,
         });
     }
-    let computed = crc32_update(crc32(data.get(..covered).unwrap_or_default()), body);
+    let computed = crc32_update(crc32(r.data.get(..covered).unwrap_or_default()), body);
     if computed != stored {
         return Err(FormatError::Checksum { stored, computed });
     }
+    Ok(body)
+}
+
+/// Checks a state file's header and checksum and parses its body.
+pub fn decode<T: DeserializeOwned>(data: &[u8]) -> Result<T, FormatError> {
+    let mut r = Reader { data, at: 0 };
+    let format = read_format(&mut r)?;
+    if format != FORMAT_VERSION {
+        return Err(FormatError::FormatVersion { found: format });
+    }
+    let version = read_ember_version(&mut r)?;
+    if version != EMBER_VERSION {
+        return Err(FormatError::EmberVersion {
+            found: version.escape_default().to_string(),
+        });
+    }
+    let body = read_body(&mut r)?;
     serde_json::from_slice(body).map_err(FormatError::Body)
+}
+
+/// Names the versions a state file was written with, whichever ember wrote it: the
+/// header and checksum must hold (a damaged or foreign file is an error, as Firecracker
+/// checks its snapshot's CRC before describing it), but the ember version need not be
+/// this one and the body is not parsed. A format this ember does not know is described by
+/// its number alone.
+pub fn describe(data: &[u8]) -> Result<Description, FormatError> {
+    let mut r = Reader { data, at: 0 };
+    let format = read_format(&mut r)?;
+    if format != FORMAT_VERSION {
+        return Ok(Description {
+            format,
+            ember_version: None,
+        });
+    }
+    let version = read_ember_version(&mut r)?.escape_default().to_string();
+    read_body(&mut r)?;
+    Ok(Description {
+        format,
+        ember_version: Some(version),
+    })
 }
 
 /// Serde for plain-old-data KVM structures: the exact bytes as lowercase hex, so a field
@@ -359,6 +418,48 @@ mod tests {
 
     fn err(file: &[u8]) -> FormatError {
         decode::<Sample>(file).unwrap_err()
+    }
+
+    #[test]
+    fn describe_names_the_versions_of_any_ember() {
+        let mut file = encode(&sample()).unwrap();
+        let d = describe(&file).unwrap();
+        assert_eq!(d.format, FORMAT_VERSION);
+        assert_eq!(d.ember_version.as_deref(), Some(EMBER_VERSION));
+        assert!(d.loadable());
+        // Another ember's file is described (decode refuses it).
+        file[14] = b'9';
+        reseal(&mut file);
+        let d = describe(&file).unwrap();
+        assert!(d.ember_version.unwrap().starts_with('9'));
+        // A format this ember does not know: its number alone.
+        let mut future = b"EMBERSNP".to_vec();
+        future.extend_from_slice(&7u32.to_le_bytes());
+        let d = describe(&future).unwrap();
+        assert_eq!((d.format, d.ember_version), (7, None));
+    }
+
+    #[test]
+    fn describe_refuses_damaged_files() {
+        let file = encode(&sample()).unwrap();
+        for len in 0..file.len() {
+            assert!(
+                matches!(describe(&file[..len]), Err(FormatError::Truncated { .. })),
+                "truncated to {len}"
+            );
+        }
+        let mut bad = file.clone();
+        bad[0] = b'X';
+        assert!(matches!(describe(&bad), Err(FormatError::BadMagic { .. })));
+        let mut bad = file.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(matches!(describe(&bad), Err(FormatError::Checksum { .. })));
+        let mut bad = file;
+        bad.push(0);
+        assert!(matches!(
+            describe(&bad),
+            Err(FormatError::TrailingBytes { .. })
+        ));
     }
 
     #[test]

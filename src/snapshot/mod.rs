@@ -202,6 +202,28 @@ pub fn read_state(path: &str) -> Result<MicrovmState, SnapshotError> {
     })
 }
 
+/// Reads a state file's header and checks its checksum, for `ember --describe-snapshot`:
+/// unlike `read_state`, a file written by another ember version is described, not refused.
+pub fn describe_state(path: &str) -> Result<format::Description, SnapshotError> {
+    use std::io::Read;
+    let io = |source| SnapshotError::StateIo {
+        what: "read",
+        path: path.to_string(),
+        source,
+    };
+    // Bounded: a path to a guest memory file by mistake must not be read whole. One byte
+    // past the largest state file makes an oversized file fail as such.
+    let limit = format::MAX_FILE_LEN + 1;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(limit).read_to_end(&mut bytes))
+        .map_err(io)?;
+    format::describe(&bytes).map_err(|source| SnapshotError::Format {
+        path: path.to_string(),
+        source,
+    })
+}
+
 /// Checks what the body's parser cannot: counts and sizes that must agree with each
 /// other and with the configuration.
 pub fn validate(state: &MicrovmState) -> Result<(), SnapshotError> {
