@@ -189,8 +189,14 @@ impl Controller {
     ) -> Result<(), crate::snapshot::SnapshotError> {
         timeline_mark(&METRICS.boot_timeline_us.instance_start);
         let state = crate::snapshot::read_state(&params.snapshot_path)?;
+        // The snapshot keeps the interface's mmds-config, not the store (as Firecracker):
+        // the restored VM answers from this process's store (`--metadata`, `PUT /mmds`).
+        if let Some(c) = &state.config.mmds_config {
+            mmds::lock(&self.mmds).configure(c.version, c.imds_compat);
+        }
         let opts = builder::BuildOptions {
             boot_timer: self.boot_timer,
+            mmds: self.mmds.clone(),
         };
         let (built, mut config) =
             crate::snapshot::restore(state, params, &opts, self.exit.clone())?;

@@ -521,10 +521,23 @@ impl DeviceManager {
         /// watches is refused (block devices never do).
         struct NoLoop;
         impl super::virtio::Interest for NoLoop {
-            fn watch(&mut self, _fd: std::os::fd::RawFd, _source: u16) -> std::io::Result<()> {
+            fn add(
+                &mut self,
+                _fd: std::os::fd::RawFd,
+                _source: u16,
+                _events: super::virtio::EventSet,
+            ) -> std::io::Result<()> {
                 Err(std::io::Error::other("not on the event loop"))
             }
-            fn unwatch(&mut self, _fd: std::os::fd::RawFd) -> std::io::Result<()> {
+            fn modify(
+                &mut self,
+                _fd: std::os::fd::RawFd,
+                _source: u16,
+                _events: super::virtio::EventSet,
+            ) -> std::io::Result<()> {
+                Err(std::io::Error::other("not on the event loop"))
+            }
+            fn remove(&mut self, _fd: std::os::fd::RawFd) -> std::io::Result<()> {
                 Err(std::io::Error::other("not on the event loop"))
             }
         }
