@@ -289,6 +289,50 @@ fn restore_continues_exactly() {
     assert!(body.contains(r#""vcpu_count":2"#), "{}", &body[..200]);
 }
 
+/// A drive whose ops limiter allows one request per 50 ms: every disk write of the snap
+/// guest past the first waits for the limiter's timerfd. The restored guest's writes go on
+/// only if the restored drive registered that timerfd again; its limiter starts from the
+/// configuration the snapshot holds (nothing of the bucket is saved).
+#[test]
+fn rate_limited_drive_goes_on_after_restore() {
+    let dir = TempDir::new("snap-limiter");
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let drives = format!(
+        r#""drives": [{{"drive_id": "d0", "path_on_host": "{}", "is_root_device": false,
+            "rate_limiter": {{"ops": {{"size": 1, "refill_time": 50}}}}}}]"#,
+        disk.display()
+    );
+    let config = dir.path("vm.json");
+    std::fs::write(
+        &config,
+        guest_config("console=ttyS0 ember_test=snap", 1, 64, &drives),
+    )
+    .unwrap();
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+
+    let first = Ember::start(&dir, "a", Some(&config));
+    first.wait_counter(3);
+    first.snapshot(&state, &mem);
+    let before = first.output();
+    drop(first);
+    let last = snap_lines(&before).last().cloned().expect("a snap line");
+
+    let second = Ember::start(&dir, "b", None);
+    second.load(&state, &mem, true);
+    second.wait_counter(last.n + 5);
+    let (_, all) = assert_continues(&before, &second.output());
+    for l in &all {
+        assert_eq!(l.disk, "ok", "{all:?}");
+    }
+    let (status, vm_config) = second.request("GET", "/vm/config", "");
+    assert_eq!(status, 200, "{vm_config}");
+    assert!(
+        vm_config.contains(r#""refill_time": 50"#),
+        "the restored drive lost its limiter: {vm_config}"
+    );
+}
+
 /// snapshot -> restore -> snapshot -> restore, the second restore resumed through the
 /// API after loading paused.
 #[test]
