@@ -66,6 +66,7 @@ pub const ROUTES: &[Route] = &[
     }),
     r("PUT", "/serial", |_, b| {
         parse::<SerialConfig>(b).map(Action::PutSerial)
+    }),
     r("PUT", "/snapshot/create", |_, body| {
         parse(body).map(Action::CreateSnapshot)
     }),
