@@ -333,6 +333,38 @@ fn rate_limited_drive_goes_on_after_restore() {
     );
 }
 
+/// A VM with a balloon is refused a snapshot with a message that names the balloon, and
+/// goes on running.
+#[test]
+fn balloon_vm_snapshot_is_refused() {
+    let dir = TempDir::new("snap-balloon");
+    let config = dir.path("vm.json");
+    std::fs::write(
+        &config,
+        guest_config(
+            "console=ttyS0 ember_test=snap",
+            1,
+            64,
+            r#""balloon": {"amount_mib": 0, "deflate_on_oom": false}"#,
+        ),
+    )
+    .unwrap();
+    let first = Ember::start(&dir, "a", Some(&config));
+    first.wait_counter(2);
+    first.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let body = format!(
+        r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        dir.path("vm.state").display(),
+        dir.path("vm.mem").display()
+    );
+    let (status, answer) = first.request("PUT", "/snapshot/create", &body);
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("balloon"), "{answer}");
+    first.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    let n = snap_lines(&first.output()).last().map_or(0, |l| l.n);
+    first.wait_counter(n + 2);
+}
+
 /// snapshot -> restore -> snapshot -> restore, the second restore resumed through the
 /// API after loading paused.
 #[test]

@@ -124,6 +124,13 @@ pub fn create(
             "snapshots of a VM with a vsock device are not supported yet".into(),
         ));
     }
+    if config.balloon.is_some() {
+        // The balloon holds the guest's statistics buffer outside the ring and its
+        // device state is not saved: a restored guest would wait for that buffer forever.
+        return Err(SnapshotError::Unsupported(
+            "snapshots of a VM with a balloon device are not supported yet".into(),
+        ));
+    }
     let started = std::time::Instant::now();
     // Requests the guest made available complete now, so none is in flight in the file.
     vmm.devices.drain_virtio();
