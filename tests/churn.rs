@@ -308,7 +308,7 @@ impl Churn {
                 && cgroups.is_empty()
                 && socks.is_empty()
                 && fds == before.own_fds
-                && mnt == before.mounts
+                && mnt <= before.mounts
                 && files <= before.file_nr + slack;
             if clean {
                 println!(
