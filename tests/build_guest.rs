@@ -45,9 +45,10 @@ fn debugfs_cat(image: &Path, file: &str) -> Vec<u8> {
 #[test]
 fn cold_cache_build_exits_zero_and_prints_the_paths() {
     let Some(vmlinux) = std::env::var_os("EMBER_VMLINUX").filter(|v| !v.is_empty()) else {
-        eprintln!(
-            "SKIP cold build-guest: EMBER_VMLINUX not set (tools/test sets it; this test \
-             takes the kernel from there instead of compiling one)"
+        common::skip(
+            "cold_cache_build_exits_zero_and_prints_the_paths",
+            "EMBER_VMLINUX not set (tools/test sets it; this test takes the kernel from \
+             there instead of compiling one)",
         );
         return;
     };
