@@ -13,7 +13,7 @@
 
 mod common;
 
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -65,7 +65,10 @@ fn artifact(var: &str, test: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(v) if !v.is_empty() => Some(v),
         _ => {
-            eprintln!("SKIP {test}: {var} not set (tools/test sets it from tools/build-guest)");
+            skip(
+                test,
+                &format!("{var} not set (tools/test sets it from tools/build-guest)"),
+            );
             None
         }
     }
@@ -385,8 +388,8 @@ fn stripped_bzimage_runs_init_without_a_network() {
 
 /// States which kind of host this is and checks that the guest's system calls take the
 /// path expected there. On a PVM host they must arrive through the shim; if user space
-/// dies or the shim stays silent, the host's behaviour changed and ENVIRONMENT.md's
-/// account (and patches/0003) need a fresh look. On hardware KVM the shim must stay inert.
+/// dies or the shim stays silent, the host's behaviour changed and the host notes in
+/// docs/ARCHITECTURE.md (and patches/0003) need a fresh look. On hardware KVM the shim must stay inert.
 #[test]
 fn host_kind_canary() {
     let pvm = ember::vm::is_pvm_host();
@@ -397,7 +400,8 @@ fn host_kind_canary() {
         "hardware KVM (no kvm_pvm): `syscall` enters the guest kernel directly; the shim \
          must stay inert"
     };
-    eprintln!("HOST: {kind}");
+    // Straight to stderr: the test harness hides eprintln! output of a passing test.
+    let _ = writeln!(std::io::stderr(), "HOST: {kind}");
     let Some(b) = vmlinux_boot() else { return };
     let shim = b.has(SHIM_LINE);
     let init = b.has(INIT_OK);
@@ -418,7 +422,7 @@ fn host_kind_canary() {
             init,
             "PVM host: user space no longer works through the shim (shim served a call: \
              {shim}). The fault a user `syscall` raises has likely changed (error code, \
-             CR2 or RIP no longer as ENVIRONMENT.md describes: see the `segfault at` line); \
+             CR2 or RIP no longer as docs/ARCHITECTURE.md describes: see the `segfault at` line); \
              serial tail:\n{}",
             b.tail()
         );
