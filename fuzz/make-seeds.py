@@ -234,3 +234,30 @@ write("virtio_vsock", "host-connect",
 write("virtio_vsock", "nobody-and-rst",
       vsock([(vsock_hdr(OP_RW, 9, 9), b""), (vsock_hdr(OP_RST, 9, 10), b""),
              (vsock_hdr(OP_REQUEST, 7, 4242), b"")], [0, 5, 8]))
+
+
+# --- mmds: settings byte, then records (0 raw frame, 1 ARP, 2 TCP segment, 3 drain) -----
+def arp(ours=True):
+    return bytes([1, 1 if ours else 0]) + bytes([2, 0, 0, 0, 0, 1])
+
+
+def seg(port, flags, data=b"", off=0):
+    return (bytes([2, port]) + struct.pack("<hBH", off, flags, len(data)) + data)
+
+
+def drain(n=32):
+    return bytes([3, n])
+
+
+SYN, ACK, PSH, FIN = 0x02, 0x10, 0x08, 0x01
+get_v1 = b"GET /latest/meta-data/ HTTP/1.1\r\nAccept: application/json\r\n\r\n"
+token = b"PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 60\r\n\r\n"
+write("mmds", "arp-then-get-v1",
+      bytes([0]) + arp() + drain() + seg(0, SYN) + drain() + seg(0, ACK | PSH, get_v1)
+      + drain() + seg(0, ACK | FIN) + drain())
+write("mmds", "v2-token",
+      bytes([1]) + seg(1, SYN) + drain() + seg(1, ACK | PSH, token) + drain()
+      + seg(1, ACK | PSH, b"GET /latest/meta-data/id HTTP/1.1\r\nX-metadata-token: x\r\n\r\n")
+      + drain())
+write("mmds", "other-arp-and-out-of-window",
+      bytes([2]) + arp(False) + seg(2, SYN) + seg(2, ACK, b"x" * 10, off=-500) + drain())
