@@ -7,9 +7,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::snapshot::{CreateSnapshotParams, LoadSnapshotParams};
 use crate::config::{
-    BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, DriveConfig, DriveUpdate,
-    EntropyDeviceConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    MmdsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VsockConfig,
+    BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, CustomCpuTemplate,
+    DriveConfig, DriveUpdate, EntropyDeviceConfig, LoggerConfig, MachineConfig,
+    MachineConfigUpdate, MetricsConfig, MmdsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate,
+    SerialConfig, VsockConfig,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +26,8 @@ pub enum Action {
     PutBootSource(BootSourceConfig),
     PutMachineConfig(MachineConfig),
     PatchMachineConfig(MachineConfigUpdate),
+    /// PUT /cpu-config: a custom CPU template.
+    PutCpuConfig(CustomCpuTemplate),
     /// PUT /drives/{id}: the id in the path must equal the body's drive_id (checked by the API).
     PutDrive(DriveConfig),
     PatchDrive(DriveUpdate),

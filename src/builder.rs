@@ -15,7 +15,7 @@ use crate::exit_code;
 use crate::metrics::{METRICS, timeline_mark};
 use crate::vcpu::{ExitSignal, Vcpu, VcpuControl};
 use crate::vm::layout::*;
-use crate::vm::{boot, cpuid, irq, memory, mptable, regs};
+use crate::vm::{boot, cpu_template, cpuid, irq, memory, mptable, regs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -53,6 +53,8 @@ pub enum BuildError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Devices(#[from] DeviceError),
+    #[error(transparent)]
+    CpuTemplate(#[from] cpu_template::CpuTemplateError),
 }
 
 impl BuildError {
@@ -71,6 +73,13 @@ impl BuildError {
                 | VirtioError::Vsock { .. },
             ))
             | BuildError::Devices(DeviceError::SerialOut { .. })
+            | BuildError::CpuTemplate(
+                cpu_template::CpuTemplateError::Vendor { .. }
+                | cpu_template::CpuTemplateError::Model { .. }
+                | cpu_template::CpuTemplateError::Leaf { .. }
+                | cpu_template::CpuTemplateError::Capability(_)
+                | cpu_template::CpuTemplateError::Msr(_),
+            )
             | BuildError::Memory(memory::MemoryError::TooLarge(_))
             | BuildError::Memory(memory::MemoryError::Mmap { .. }) => exit_code::BAD_CONFIGURATION,
             _ => exit_code::GENERIC_ERROR,
@@ -127,6 +136,12 @@ pub fn build(
     exit: Arc<ExitSignal>,
 ) -> Result<BuiltVm, BuildError> {
     let mut files = open_boot_files(config)?;
+    // Before any KVM work, as a bad file path is: a template this CPU cannot take.
+    cpu_template::check_host(config)?;
+    let template = cpu_template::selected(config);
+    if template.is_some() {
+        log::info!("CPU template: {}", cpu_template::describe(config));
+    }
     let (kvm, vm) = create_vm()?;
     let mc = &config.machine_config;
     let mem = memory::create(&vm, mc.mem_size_mib as u64, mc.track_dirty_pages)?;
@@ -135,9 +150,20 @@ pub fn build(
     let devices = create_devices(config, opts, &vm, &mem, &reset_evt)?;
     let pvm = crate::vm::is_pvm_host();
     let cmdline = write_boot_data(config, &mem, &kernel, initrd, &devices, pvm)?;
-    let (vcpus, controls) = create_vcpus(&kvm, &vm, mc.vcpu_count, &kernel, &devices, &exit, pvm)?;
+    let (vcpus, controls) = create_vcpus(
+        &kvm,
+        &vm,
+        mc.vcpu_count,
+        &kernel,
+        &devices,
+        &exit,
+        pvm,
+        template.as_ref(),
+    )?;
     timeline_mark(&METRICS.boot_timeline_us.vm_built);
     log::info!("kernel command line: {cmdline}");
+    let mut msr_list = msr_list(&kvm);
+    cpu_template::extend_msr_list(config, &mut msr_list);
     Ok(BuiltVm {
         vm,
         mem,
@@ -147,7 +173,7 @@ pub fn build(
         vcpus,
         controls,
         cmdline,
-        msr_list: msr_list(&kvm),
+        msr_list,
         keep_alive: Vec::new(),
     })
 }
@@ -282,8 +308,11 @@ fn write_boot_data(
     Ok(boot::cmdline_text(&cmdline))
 }
 
-/// Phase 6: the vCPUs, each with its CPUID and registers; the boot CPU at the kernel's
-/// entry. They share the device manager's buses; no device can be added after this.
+/// Phase 6: the vCPUs, each with its CPUID (the CPU template's, then ember's per-vCPU
+/// adjustments), the template's MSRs and the boot registers; the boot CPU at the
+/// kernel's entry. They share the device manager's buses; no device can be added after
+/// this.
+#[allow(clippy::too_many_arguments)]
 fn create_vcpus(
     kvm: &Kvm,
     vm: &VmFd,
@@ -292,10 +321,14 @@ fn create_vcpus(
     devices: &DeviceManager,
     exit: &Arc<ExitSignal>,
     pvm: bool,
+    template: Option<&crate::config::CustomCpuTemplate>,
 ) -> Result<(Vec<Vcpu>, Vec<Arc<VcpuControl>>), BuildError> {
-    let supported = kvm
+    let mut supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    if let Some(t) = template {
+        supported = cpu_template::apply_cpuid(t, &supported)?;
+    }
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     let (pio, mmio) = devices.buses();
     let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
@@ -314,6 +347,9 @@ fn create_vcpus(
             },
         );
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        if let Some(t) = template {
+            cpu_template::apply_msrs(t, &fd)?;
+        }
         regs::setup_cpu_common(&fd)?;
         if index == 0 {
             regs::setup_boot_cpu(&fd, kernel.entry)?;

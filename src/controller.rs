@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::action::{Action, ActionError, ActionOk, ActionResult};
 use crate::builder;
-use crate::config::{self, VmConfig};
+use crate::config::{self, CpuConfigSource, MachineConfig, StaticCpuTemplate, VmConfig};
 use crate::devices::manager::DeviceKind;
 use crate::metrics::{METRICS, timeline_mark};
 use crate::mmds::{self, Mmds, MmdsError, SharedMmds};
@@ -230,6 +230,22 @@ impl Controller {
         Ok(())
     }
 
+    /// Takes a machine configuration whose `cpu_template` says what to do with the CPU
+    /// template: absent keeps whatever is set (static or custom), "None" clears it, a
+    /// name sets that static template in place of any custom one. A template this host
+    /// cannot take is refused here rather than at InstanceStart.
+    fn set_machine_config(&mut self, mut m: MachineConfig) -> ActionResult {
+        let mut candidate = self.config.clone();
+        if m.cpu_template.is_some() {
+            candidate.cpu_config = None;
+        }
+        m.cpu_template = m.static_template();
+        candidate.machine_config = m;
+        crate::vm::cpu_template::check_host(&candidate).map_err(bad)?;
+        self.config = candidate;
+        Ok(ActionOk::NoContent)
+    }
+
     pub fn handle(&mut self, action: Action, event_loop: &mut EventLoop) -> ActionResult {
         match action {
             Action::GetInstanceInfo => json(serde_json::json!({
@@ -257,11 +273,15 @@ impl Controller {
                 self.config.boot_source = b;
                 Ok(ActionOk::NoContent)
             }
-            Action::PutMachineConfig(m) => {
+            Action::PutMachineConfig(mut m) => {
                 self.pre_boot()?;
                 m.validate().map_err(bad)?;
-                self.config.machine_config = m;
-                Ok(ActionOk::NoContent)
+                // As in Firecracker, a PUT without cpu_template keeps the template set
+                // before (static or custom); "None" clears it.
+                if m.cpu_template.is_none() {
+                    m.cpu_template = self.config.machine_config.cpu_template;
+                }
+                self.set_machine_config(m)
             }
             Action::PatchMachineConfig(u) => {
                 self.pre_boot()?;
@@ -270,7 +290,20 @@ impl Controller {
                         "PATCH /machine-config needs at least one field to change",
                     ));
                 }
-                self.config.machine_config = u.apply(&self.config.machine_config).map_err(bad)?;
+                let mut m = u.apply(&self.config.machine_config).map_err(bad)?;
+                // apply() turned "None" into no template; say it was asked for.
+                if u.cpu_template.is_some() && m.cpu_template.is_none() {
+                    m.cpu_template = Some(StaticCpuTemplate::None);
+                }
+                self.set_machine_config(m)
+            }
+            Action::PutCpuConfig(t) => {
+                self.pre_boot()?;
+                let mut candidate = self.config.clone();
+                candidate.cpu_config = Some(CpuConfigSource::Template(t));
+                candidate.machine_config.cpu_template = None;
+                crate::vm::cpu_template::check_host(&candidate).map_err(bad)?;
+                self.config = candidate;
                 Ok(ActionOk::NoContent)
             }
             Action::PutDrive(d) => {
@@ -471,6 +504,7 @@ impl Controller {
                     || !c.drives.is_empty()
                     || !c.network_interfaces.is_empty()
                     || c.machine_config != VmConfig::default().machine_config
+                    || c.cpu_config.is_some()
                 {
                     return Err(ActionError::bad_request(
                         "Loading a microVM snapshot not allowed after configuring boot-specific resources.",

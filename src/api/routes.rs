@@ -9,9 +9,10 @@ use serde::de::DeserializeOwned;
 
 use crate::action::{Action, ActionError};
 use crate::config::{
-    BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, DriveConfig, DriveUpdate,
-    EntropyDeviceConfig, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    MmdsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VsockConfig,
+    BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig, CustomCpuTemplate,
+    DriveConfig, DriveUpdate, EntropyDeviceConfig, LoggerConfig, MachineConfig,
+    MachineConfigUpdate, MetricsConfig, MmdsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate,
+    SerialConfig, VsockConfig,
 };
 
 /// Path segments captured by `{name}` in a template, in order.
@@ -34,6 +35,9 @@ pub const ROUTES: &[Route] = &[
     }),
     r("PUT", "/machine-config", put_machine_config),
     r("PATCH", "/machine-config", patch_machine_config),
+    r("PUT", "/cpu-config", |_, b| {
+        parse::<CustomCpuTemplate>(b).map(Action::PutCpuConfig)
+    }),
     r("PUT", "/boot-source", put_boot_source),
     r("PUT", "/drives/{drive_id}", put_drive),
     r("PATCH", "/drives/{drive_id}", patch_drive),
@@ -86,7 +90,6 @@ const fn r(method: &'static str, path: &'static str, handler: Handler) -> Route 
 /// Firecracker endpoints (by first path segment) for what ember does not implement, and
 /// the feature to name in the refusal. Not routes: they are absent from the OpenAPI spec.
 pub const UNSUPPORTED: &[(&str, &str)] = &[
-    ("cpu-config", "custom CPU templates"),
     ("hotplug", "memory hotplug"),
     ("pmem", "the pmem device"),
     ("vfio", "device passthrough"),
@@ -527,14 +530,26 @@ mod tests {
 
     #[test]
     fn unsupported_devices() {
-        for (m, p) in [
-            ("PUT", "/cpu-config"),
-            ("PUT", "/hotplug/memory"),
-            ("PUT", "/pmem/p0"),
-        ] {
+        for (m, p) in [("PUT", "/hotplug/memory"), ("PUT", "/pmem/p0")] {
             let e = err(m, p, "{}");
             assert!(e.contains("ember does not support"), "{m} {p}: {e}");
         }
+    }
+
+    #[test]
+    fn cpu_config() {
+        assert_eq!(
+            ok("PUT", "/cpu-config", "{}"),
+            Action::PutCpuConfig(CustomCpuTemplate::default())
+        );
+        let e = err(
+            "PUT",
+            "/cpu-config",
+            r#"{"msr_modifiers": [{"addr": "0x10a", "bitmap": "0b2"}]}"#,
+        );
+        assert!(e.contains("`2` is not 0, 1, x or _"), "{e}");
+        let e = err("GET", "/cpu-config", "");
+        assert!(e.contains("Allowed methods: PUT"), "{e}");
     }
 
     #[test]

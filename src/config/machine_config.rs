@@ -2,15 +2,16 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::cpu_template::StaticCpuTemplate;
+
 /// Firecracker's limit: microVMs are for small workloads.
 pub const MAX_VCPUS: u8 = 32;
 /// Firecracker's defaults when `machine-config` is absent.
 pub const DEFAULT_VCPU_COUNT: u8 = 1;
 pub const DEFAULT_MEM_SIZE_MIB: usize = 128;
 
-/// Firecracker's `MachineConfig`. `cpu_template` and `huge_pages` are kept as the strings
-/// the user wrote, because ember only accepts their "None" values and must be able to name
-/// the refused one.
+/// Firecracker's `MachineConfig`. `huge_pages` is kept as the string the user wrote,
+/// because ember only accepts its "None" value and must be able to name the refused one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
@@ -19,9 +20,12 @@ pub struct MachineConfig {
     /// Simultaneous multithreading. Only `false` is accepted.
     #[serde(default)]
     pub smt: bool,
-    /// Only absent or "None" is accepted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_template: Option<String>,
+    /// A static CPU template (see `vm::cpu_template`). An explicit "None" is kept apart
+    /// from an absent field until the configuration is updated with it: "None" clears a
+    /// template, absence keeps the one set before. Reported only when a template is set,
+    /// as Firecracker reports it.
+    #[serde(default, skip_serializing_if = "no_template")]
+    pub cpu_template: Option<StaticCpuTemplate>,
     /// Accepted and passed on to guest memory creation (KVM dirty logging).
     #[serde(default)]
     pub track_dirty_pages: bool,
@@ -33,6 +37,10 @@ pub struct MachineConfig {
         deserialize_with = "unset_when_none"
     )]
     pub huge_pages: Option<String>,
+}
+
+fn no_template(t: &Option<StaticCpuTemplate>) -> bool {
+    matches!(t, None | Some(StaticCpuTemplate::None))
 }
 
 /// "None" and absent mean the same; keeping one spelling makes a reported configuration
@@ -66,8 +74,6 @@ pub enum MachineConfigError {
     MemSize,
     #[error("smt is not supported by ember; set it to false or leave it out")]
     Smt,
-    #[error("cpu_template `{0}` is not supported by ember; use \"None\" or leave it out")]
-    CpuTemplate(String),
     #[error("huge_pages `{0}` is not supported by ember; use \"None\" or leave it out")]
     HugePages(String),
 }
@@ -76,6 +82,11 @@ pub enum MachineConfigError {
 const NONE: &str = "None";
 
 impl MachineConfig {
+    /// The static template in effect: "None" is no template.
+    pub fn static_template(&self) -> Option<StaticCpuTemplate> {
+        self.cpu_template.filter(|t| *t != StaticCpuTemplate::None)
+    }
+
     pub fn validate(&self) -> Result<(), MachineConfigError> {
         if self.vcpu_count == 0 || self.vcpu_count > MAX_VCPUS {
             return Err(MachineConfigError::VcpuCount(self.vcpu_count));
@@ -85,9 +96,6 @@ impl MachineConfig {
         }
         if self.smt {
             return Err(MachineConfigError::Smt);
-        }
-        if let Some(t) = self.cpu_template.as_deref().filter(|t| *t != NONE) {
-            return Err(MachineConfigError::CpuTemplate(t.to_string()));
         }
         if let Some(h) = self.huge_pages.as_deref().filter(|h| *h != NONE) {
             return Err(MachineConfigError::HugePages(h.to_string()));
@@ -107,7 +115,7 @@ pub struct MachineConfigUpdate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smt: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_template: Option<String>,
+    pub cpu_template: Option<StaticCpuTemplate>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub track_dirty_pages: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,8 +137,8 @@ impl MachineConfigUpdate {
             smt: self.smt.unwrap_or(base.smt),
             cpu_template: self
                 .cpu_template
-                .clone()
-                .or_else(|| base.cpu_template.clone()),
+                .or(base.cpu_template)
+                .filter(|t| *t != StaticCpuTemplate::None),
             track_dirty_pages: self.track_dirty_pages.unwrap_or(base.track_dirty_pages),
             huge_pages: self.huge_pages.clone().or_else(|| base.huge_pages.clone()),
         };
@@ -192,8 +200,8 @@ mod tests {
                 "smt is not supported",
             ),
             (
-                r#"{"vcpu_count": 1, "mem_size_mib": 1, "cpu_template": "T2"}"#,
-                "cpu_template `T2` is not supported",
+                r#"{"vcpu_count": 1, "mem_size_mib": 1, "cpu_template": "T3"}"#,
+                "unknown variant `T3`, expected one of `None`, `C3`, `T2`, `T2S`, `T2CL`, `T2A`",
             ),
             (
                 r#"{"vcpu_count": 1, "mem_size_mib": 1, "huge_pages": "2M"}"#,
@@ -235,6 +243,15 @@ mod tests {
         assert!(u.is_empty());
         assert_eq!(u.apply(&c).unwrap(), c);
         assert!(serde_json::from_str::<MachineConfigUpdate>(r#"{"cpus": 1}"#).is_err());
+        // A template stays until "None" clears it.
+        let u: MachineConfigUpdate = serde_json::from_str(r#"{"cpu_template": "T2A"}"#).unwrap();
+        let c = u.apply(&c).unwrap();
+        assert_eq!(c.static_template(), Some(StaticCpuTemplate::T2A));
+        let u: MachineConfigUpdate = serde_json::from_str(r#"{"vcpu_count": 2}"#).unwrap();
+        let c = u.apply(&c).unwrap();
+        assert_eq!(c.cpu_template, Some(StaticCpuTemplate::T2A));
+        let u: MachineConfigUpdate = serde_json::from_str(r#"{"cpu_template": "None"}"#).unwrap();
+        assert_eq!(u.apply(&c).unwrap().cpu_template, None);
     }
 
     #[test]
@@ -242,7 +259,7 @@ mod tests {
         let c = MachineConfig {
             vcpu_count: 3,
             mem_size_mib: 512,
-            cpu_template: Some("None".into()),
+            cpu_template: Some(StaticCpuTemplate::T2A),
             track_dirty_pages: true,
             ..Default::default()
         };

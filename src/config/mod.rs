@@ -6,6 +6,7 @@
 
 pub mod balloon;
 pub mod boot_source;
+pub mod cpu_template;
 pub mod drive;
 pub mod entropy;
 pub mod logger;
@@ -24,6 +25,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 pub use balloon::{BalloonConfig, BalloonError, BalloonStatsUpdate, BalloonUpdate};
 pub use boot_source::{BootSourceConfig, BootSourceError};
+pub use cpu_template::{CpuConfigSource, CustomCpuTemplate, StaticCpuTemplate};
 pub use drive::{CacheType, DriveConfig, DriveError, DriveUpdate, IoEngine};
 pub use entropy::{EntropyDeviceConfig, EntropyError};
 pub use logger::{LogLevel, LoggerConfig, LoggerConfigError};
@@ -82,8 +84,10 @@ pub struct VmConfig {
     // Firecracker resources ember does not implement: see unsupported.rs.
     #[serde(rename = "mmds-config", default)]
     pub mmds_config: Option<MmdsConfig>,
+    /// A custom CPU template (`PUT /cpu-config`); in the config file also the path of a
+    /// file holding one, read when the file is loaded.
     #[serde(rename = "cpu-config", default)]
-    pub cpu_config: UnsupportedValue,
+    pub cpu_config: Option<CpuConfigSource>,
     #[serde(rename = "memory-hotplug", default)]
     pub memory_hotplug: UnsupportedValue,
     #[serde(default, serialize_with = "empty_list_when_unset")]
@@ -114,6 +118,7 @@ const SECTIONS: &[&str] = &[
     "balloon",
     "entropy",
     "serial",
+    "cpu-config",
 ];
 
 /// Every message names the offending field by its path in the config file
@@ -155,6 +160,8 @@ pub enum ConfigError {
     Entropy(#[from] EntropyError),
     #[error("serial.{0}")]
     Serial(#[from] SerialConfigError),
+    #[error("cpu-config: {0}")]
+    CpuConfig(#[from] cpu_template::CpuConfigError),
     #[error(transparent)]
     Unsupported(#[from] UnsupportedError),
 }
@@ -212,7 +219,21 @@ impl VmConfig {
             }
         }
         let text = stripped.as_deref().unwrap_or(text);
-        let config: VmConfig = serde_json::from_str(text).map_err(|e| json_error(text, e))?;
+        let mut config: VmConfig = serde_json::from_str(text).map_err(|e| json_error(text, e))?;
+        if let Some(source) = &config.cpu_config {
+            config.cpu_config = Some(CpuConfigSource::Template(source.resolve()?));
+            // Firecracker applies `cpu-config` after `machine-config`: the custom
+            // template replaces a static one.
+            if let Some(t) = config.machine_config.static_template() {
+                warnings.push(format!(
+                    "config file: cpu-config replaces machine-config.cpu_template `{}` (as in Firecracker)",
+                    t.name()
+                ));
+            }
+        }
+        if config.cpu_config.is_some() || config.machine_config.static_template().is_none() {
+            config.machine_config.cpu_template = None;
+        }
         config.validate()?;
         Ok((config, warnings))
     }
@@ -255,13 +276,20 @@ impl VmConfig {
             s.validate()?;
         }
         for (name, value) in [
-            ("cpu-config", &self.cpu_config),
             ("memory-hotplug", &self.memory_hotplug),
             ("pmem", &self.pmem),
         ] {
             value.check(name)?;
         }
         Ok(())
+    }
+
+    /// The custom template in effect (`PUT /cpu-config`, the config file's `cpu-config`).
+    pub fn custom_cpu_template(&self) -> Option<&CustomCpuTemplate> {
+        match &self.cpu_config {
+            Some(CpuConfigSource::Template(t)) => Some(t),
+            Some(CpuConfigSource::Path(_)) | None => None,
+        }
     }
 
     /// The same schema, for `GET /vm/config`; `from_json` reads it back to an equal value.
@@ -336,6 +364,7 @@ fn locate_json_error(text: &str, err: &serde_json::Error) -> Option<String> {
             "metrics" => consider(key.clone(), fails_as::<Option<MetricsConfig>>(value)),
             "vsock" => consider(key.clone(), fails_as::<Option<VsockConfig>>(value)),
             "mmds-config" => consider(key.clone(), fails_as::<Option<MmdsConfig>>(value)),
+            "cpu-config" => consider(key.clone(), fails_as::<Option<CpuConfigSource>>(value)),
             "drives" | "network-interfaces" => match value.as_array() {
                 Some(items) => {
                     for (i, item) in items.iter().enumerate() {
@@ -541,8 +570,16 @@ mod tests {
                 "machine-config.smt is not supported by ember",
             ),
             (
-                r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "C3"}"#,
-                "machine-config.cpu_template `C3` is not supported by ember",
+                r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "C4"}"#,
+                "machine-config: unknown variant `C4`",
+            ),
+            (
+                r#""cpu-config": {"cpuid_modifiers": [{"leaf": "1", "subleaf": "0x0", "flags": 0, "modifiers": []}]}"#,
+                "cpu-config: `1` needs a 0x (hexadecimal) or 0b (binary) prefix",
+            ),
+            (
+                r#""cpu-config": "/nonexistent/template.json""#,
+                "cpu-config: cannot read the CPU template file /nonexistent/template.json",
             ),
             (
                 r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}"#,
@@ -636,7 +673,6 @@ mod tests {
     #[test]
     fn unsupported_resources() {
         for (key, value) in [
-            ("cpu-config", r#""/templates/t2.json""#),
             ("memory-hotplug", r#"{"total_size_mib": 1024}"#),
             ("pmem", r#"[{"id": "p", "path_on_host": "/p"}]"#),
         ] {
@@ -652,7 +688,49 @@ mod tests {
                 );
             }
         }
-        assert_eq!(unsupported::UNSUPPORTED_RESOURCES.len(), 3);
+        assert_eq!(unsupported::UNSUPPORTED_RESOURCES.len(), 2);
+    }
+
+    #[test]
+    fn cpu_config_inline_from_a_file_or_over_a_static_template() {
+        let c = VmConfig::from_json(&with(r#""cpu-config": {}"#)).unwrap();
+        assert_eq!(c.custom_cpu_template(), Some(&CustomCpuTemplate::default()));
+        let path =
+            std::env::temp_dir().join(format!("ember-cpu-config-{}.json", std::process::id()));
+        std::fs::write(
+            &path,
+            r#"{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
+                "modifiers": [{"register": "ecx", "bitmap": "0b0xx"}]}]}"#,
+        )
+        .unwrap();
+        let (c, warnings) = VmConfig::from_json_with_warnings(&with(&format!(
+            r#""cpu-config": "{}",
+               "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"}}"#,
+            path.display()
+        )))
+        .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let t = c.custom_cpu_template().unwrap();
+        assert_eq!(t.cpuid_modifiers[0].modifiers[0].bitmap.mask, 0b100);
+        // The custom template wins, as in Firecracker, and says so.
+        assert_eq!(c.machine_config.cpu_template, None);
+        assert!(
+            warnings[0].contains("replaces machine-config.cpu_template `T2`"),
+            "{warnings:?}"
+        );
+        // GET /vm/config reports the template itself, which reads back the same.
+        assert_eq!(VmConfig::from_json(&c.to_json()).unwrap(), c);
+        let c = VmConfig::from_json(&with(
+            r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "None"}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.machine_config.cpu_template, None);
+        let c = VmConfig::from_json(&with(
+            r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2A"}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.machine_config.cpu_template, Some(StaticCpuTemplate::T2A));
+        assert_eq!(VmConfig::from_json(&c.to_json()).unwrap(), c);
     }
 
     #[test]

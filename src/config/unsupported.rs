@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Top-level config-file keys (and API resources) of Firecracker that ember refuses.
-pub const UNSUPPORTED_RESOURCES: &[&str] = &["cpu-config", "memory-hotplug", "pmem"];
+pub const UNSUPPORTED_RESOURCES: &[&str] = &["memory-hotplug", "pmem"];
 
 /// A Firecracker resource ember does not support, given a value that asks for something.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

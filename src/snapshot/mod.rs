@@ -375,7 +375,12 @@ pub fn restore(
         vcpus,
         controls,
         cmdline: String::new(),
-        msr_list: builder::msr_list(&kvm),
+        msr_list: {
+            // A template's MSRs stay saved in the next snapshot too.
+            let mut list = builder::msr_list(&kvm);
+            crate::vm::cpu_template::extend_msr_list(&config, &mut list);
+            list
+        },
         keep_alive: match uffd {
             Some(b) => vec![Box::new(b)],
             None => Vec::new(),

@@ -1,6 +1,7 @@
 //! The KVM VM: memory, boot structures, CPUs and interrupts.
 
 pub mod boot;
+pub mod cpu_template;
 pub mod cpuid;
 pub mod irq;
 pub mod layout;
