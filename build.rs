@@ -33,6 +33,7 @@ const GUEST_SOURCES: &[&str] = &[
     "vsock.c",
     "mmds.c",
     "snap.c",
+    "cpuid.c",
 ];
 const GUEST_OTHER_INPUTS: &[&str] = &["guest.h", "virtio.h", "guest.ld"];
 const GUEST_IMAGE: &str = "ember-test-guest";

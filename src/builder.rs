@@ -78,7 +78,8 @@ impl BuildError {
                 | cpu_template::CpuTemplateError::Model { .. }
                 | cpu_template::CpuTemplateError::Leaf { .. }
                 | cpu_template::CpuTemplateError::Capability(_)
-                | cpu_template::CpuTemplateError::Msr(_),
+                | cpu_template::CpuTemplateError::Msr(_)
+                | cpu_template::CpuTemplateError::Rejected(_),
             )
             | BuildError::Memory(memory::MemoryError::TooLarge(_))
             | BuildError::Memory(memory::MemoryError::Mmap { .. }) => exit_code::BAD_CONFIGURATION,
@@ -346,7 +347,13 @@ fn create_vcpus(
                 pvm_host: pvm,
             },
         );
-        fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        fd.set_cpuid2(&cpuid).map_err(|e| match template {
+            Some(_) => BuildError::CpuTemplate(cpu_template::CpuTemplateError::Rejected(e)),
+            None => BuildError::KvmCall {
+                what: "KVM_SET_CPUID2",
+                source: e,
+            },
+        })?;
         if let Some(t) = template {
             cpu_template::apply_msrs(t, &fd)?;
         }

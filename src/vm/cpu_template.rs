@@ -44,6 +44,11 @@ pub enum CpuTemplateError {
     Capability(u32),
     #[error("cpu template: MSR {0:#x} is not supported by KVM on this host")]
     Msr(u32),
+    #[error(
+        "KVM refused the CPUID the CPU template makes (KVM_SET_CPUID2: {0}); a template may not \
+         change what KVM checks, such as XSAVE sizes or address widths"
+    )]
+    Rejected(kvm_ioctls::Error),
     #[error("cannot query KVM for the CPU template: {0}")]
     Kvm(kvm_ioctls::Error),
 }

@@ -58,6 +58,21 @@ static inline void cpuid(uint32_t leaf, uint32_t *a, uint32_t *b, uint32_t *c, u
 	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(0));
 }
 
+static inline void cpuid_count(uint32_t leaf, uint32_t subleaf, uint32_t *a, uint32_t *b,
+			       uint32_t *c, uint32_t *d)
+{
+	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(subleaf));
+}
+
+/* An MSR KVM does not know raises #GP, which this guest cannot handle: read only MSRs
+ * the host knows exist. */
+static inline uint64_t rdmsr(uint32_t msr)
+{
+	uint32_t lo, hi;
+	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+	return ((uint64_t)hi << 32) | lo;
+}
+
 /* Compiler barrier: enough between plain stores on x86 (TSO). */
 static inline void barrier(void)
 {
@@ -128,5 +143,10 @@ void vsock_run(uint64_t base, const char *cmdline);
 void mmds_test(uint64_t base, const char *cmdline);
 /* snap.c: never returns (README.md, mode `snap`). */
 void snap_loop(const char *cmdline) __attribute__((noreturn));
+/* cpuid.c: the `cpuid:` and `msr:` lines (README.md, mode `cpuid`). */
+void cpuid_report(const char *cmdline);
+/* Set by main.c with modes `cpuid` and `snap` together: every snap iteration reports
+ * the CPUID again, so a restored guest shows what it sees after the restore. */
+extern int snap_reports_cpuid;
 
 #endif

@@ -30,6 +30,7 @@
 #define MODE_RNG (1u << 12)
 #define MODE_BALLOON (1u << 13)
 #define MODE_SNAP (1u << 14)
+#define MODE_CPUID (1u << 15)
 
 /* Where no device lives in ember: an I/O port (QEMU's fw_cfg, absent in ember) and a
  * page inside the MMIO gap above the virtio windows. Both must read as all ones. */
@@ -98,7 +99,7 @@ static unsigned parse_modes(void)
 		{"flood", MODE_FLOOD}, {"blkbench", MODE_BLKBENCH}, {"netbench", MODE_NETBENCH},
 		{"hostile", MODE_HOSTILE}, {"vsock", MODE_VSOCK},
 		{"mmds", MODE_MMDS}, {"rng", MODE_RNG}, {"balloon", MODE_BALLOON},
-		{"snap", MODE_SNAP},
+		{"snap", MODE_SNAP}, {"cpuid", MODE_CPUID},
 	};
 	unsigned modes = 0;
 	const char *p = NULL;
@@ -440,6 +441,8 @@ void guest_main(const uint8_t *boot_params)
 	uint64_t last_page = report_e820(boot_params);
 	test_unmapped();
 	test_last_page(last_page);
+	if (modes & MODE_CPUID)
+		cpuid_report(cmdline);
 	if (modes & MODE_BLK)
 		virtio_test_all(cmdline, 2);
 	if (modes & MODE_NET)
@@ -460,8 +463,10 @@ void guest_main(const uint8_t *boot_params)
 		virtio_for_each(cmdline, 19, "vsock", vsock_run);
 	if (modes & MODE_COUNTER)
 		counter_loop();
-	if (modes & MODE_SNAP)
+	if (modes & MODE_SNAP) {
+		snap_reports_cpuid = (modes & MODE_CPUID) != 0;
 		snap_loop(cmdline);
+	}
 	puts_serial("ember-test-guest: done\n");
 	reset_machine();
 }

@@ -210,6 +210,8 @@ static void read_tag(void)
 	tag[tag_len] = 0;
 }
 
+int snap_reports_cpuid;
+
 void snap_loop(const char *cmdline)
 {
 	const char *t = cmdline_find(cmdline, NULL, "ember_snap_touch_mib=");
@@ -237,6 +239,8 @@ void snap_loop(const char *cmdline)
 		for (uint64_t off = 0; off < touch_bytes; off += 4096)
 			touch_buf[off] = (uint8_t)n;
 		const char *disk = disk_step(n);
+		if (snap_reports_cpuid)
+			cpuid_report(cmdline);
 		kprintf("snap %lu ticks=%lu disk=%s tag=%s\n", n, snap_timer_ticks, disk, tag);
 		counter = n + 1;
 	}
