@@ -193,6 +193,10 @@ fn body_definitions_match_the_config_types() {
     check_definition::<BalloonStatsUpdate>(&defs, "BalloonStatsUpdate");
     check_definition::<EntropyDeviceConfig>(&defs, "EntropyDevice");
     check_definition::<SerialConfig>(&defs, "SerialDevice");
+    check_definition::<CustomCpuTemplate>(&defs, "CpuConfig");
+    check_definition::<cpu_template::CpuidLeafModifier>(&defs, "CpuidLeafModifier");
+    check_definition::<cpu_template::CpuidRegisterModifier>(&defs, "CpuidRegisterModifier");
+    check_definition::<cpu_template::MsrModifier>(&defs, "MsrModifier");
     check_definition::<snapshot::CreateSnapshotParams>(&defs, "SnapshotCreateParams");
     check_definition::<snapshot::LoadSnapshotParams>(&defs, "SnapshotLoadParams");
     check_definition::<snapshot::MemBackend>(&defs, "MemoryBackend");

@@ -501,7 +501,8 @@ fn go_sdk_default_chain() {
 /// firecracker-containerd: `--api-sock REL --id VMID` (a relative socket path: its jail
 /// runs the VMM in the VM's directory), the SDK chain with stub drives patched after
 /// start, PATCH /vm to pause and resume. Left out: MMDS calls, vsock (its agent), and
-/// `cpu_template: "T2"` (ember has no CPU templates: README).
+/// `cpu_template: "T2"` (an Intel template, refused on AMD hosts such as ours; CPU
+/// templates are tested in tests/cpu_template.rs).
 #[test]
 fn firecracker_containerd() {
     let dir = TempDir::new("fcctr");
