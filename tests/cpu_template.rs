@@ -3,10 +3,10 @@
 //!
 //! The expectations are written here from Firecracker's template definitions, not taken
 //! from ember's tables, so a wrong table fails. On a PVM host (ours) the guest kernel sees
-//! its own CPU's values in some registers (leaf 1 EDX, leaves 7 and 0xd) whatever KVM
-//! holds: there the registers must then show either the template's value or exactly the
-//! untemplated one; the registers KVM serves there (leaf 1 EAX, leaves 0x8000_0001 and
-//! 0x8000_0008) must always show the template's value.
+//! its own CPU's values in some registers whatever KVM holds (leaves 7 and 0xd; leaf 1
+//! ECX and EDX keep the CPU's bits set): there a register must show either the
+//! template's value or exactly the untemplated one; the registers KVM serves there (leaf
+//! 1 EAX, leaves 0x8000_0001 and 0x8000_0008) must always show the template's value.
 
 mod common;
 
@@ -476,7 +476,8 @@ fn templates_this_host_cannot_take_are_refused() {
 }
 
 /// A VM restored from a snapshot keeps its template's CPUID, and the restored ember
-/// reports the template.
+/// reports the template: T2A, and a custom template that shows the guest a feature this
+/// host lacks (SVM), which must not stop the restore on the host that booted it.
 #[test]
 fn restored_vm_keeps_its_template() {
     if host_vendor() != "AuthenticAMD" {
@@ -487,42 +488,56 @@ fn restored_vm_keeps_its_template() {
         return;
     }
     let (base, _) = baseline();
-    let dir = TempDir::new("snap");
-    let cfg = dir.path("vm.json");
-    std::fs::write(
-        &cfg,
-        config("ember_test=cpuid,snap", r#", "cpu_template": "T2A""#, ""),
-    )
-    .unwrap();
-    let (state, mem) = (dir.path("state"), dir.path("mem"));
-    {
-        let a = Ember::start(&dir, "a", Some(&cfg));
-        let out = a.wait_reports(2);
-        assert_template(&base, &parse_cpuid(&out), T2A);
-        a.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
-        a.ok(
+    let svm = r#""cpu-config": {"cpuid_modifiers": [{"leaf": "0x80000001", "subleaf": "0x0",
+        "flags": 0, "modifiers": [{"register": "ecx", "bitmap": "0b1xx"}]}]}"#;
+    let cases: [(&str, &str, &[Change]); 2] = [
+        (r#", "cpu_template": "T2A""#, "", T2A),
+        ("", svm, &[(0x8000_0001, 0, ECX, 0b100, 0b100)]),
+    ];
+    for (machine, extra, changes) in cases {
+        let dir = TempDir::new("snap");
+        let cfg = dir.path("vm.json");
+        std::fs::write(&cfg, config("ember_test=cpuid,snap", machine, extra)).unwrap();
+        let (state, mem) = (dir.path("state"), dir.path("mem"));
+        {
+            let a = Ember::start(&dir, "a", Some(&cfg));
+            let out = a.wait_reports(2);
+            assert_template(&base, &parse_cpuid(&out), changes);
+            a.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+            a.ok(
+                "PUT",
+                "/snapshot/create",
+                &format!(
+                    r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+                    state.display(),
+                    mem.display()
+                ),
+            );
+        }
+        let b = Ember::start(&dir, "b", None);
+        b.ok(
             "PUT",
-            "/snapshot/create",
+            "/snapshot/load",
             &format!(
-                r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+                r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
                 state.display(),
                 mem.display()
             ),
         );
+        // Reports made after the restore: the console of `b` starts there.
+        let out = b.wait_reports(2);
+        assert_template(&base, &parse_cpuid(&out), changes);
+        let mc: serde_json::Value =
+            serde_json::from_str(&b.ok("GET", "/machine-config", "")).unwrap();
+        let vm: serde_json::Value = serde_json::from_str(&b.ok("GET", "/vm/config", "")).unwrap();
+        if machine.is_empty() {
+            assert!(mc.get("cpu_template").is_none(), "{mc}");
+            assert_eq!(
+                vm["cpu-config"]["cpuid_modifiers"][0]["leaf"], "0x80000001",
+                "{vm}"
+            );
+        } else {
+            assert_eq!(mc["cpu_template"], "T2A", "{mc}");
+        }
     }
-    let b = Ember::start(&dir, "b", None);
-    b.ok(
-        "PUT",
-        "/snapshot/load",
-        &format!(
-            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
-            state.display(),
-            mem.display()
-        ),
-    );
-    // Reports made after the restore: the console of `b` starts there.
-    let out = b.wait_reports(2);
-    assert_template(&base, &parse_cpuid(&out), T2A);
-    let mc: serde_json::Value = serde_json::from_str(&b.ok("GET", "/machine-config", "")).unwrap();
-    assert_eq!(mc["cpu_template"], "T2A", "{mc}");
 }

@@ -303,8 +303,15 @@ pub fn restore(
             source,
         })?;
     let host = vcpu::host_cpuid(supported.as_slice());
+    // Bits the VM's CPU template set were the user's choice, accepted at boot on a host
+    // that may lack them (as Firecracker accepts them): they do not stop a restore.
+    let template = crate::vm::cpu_template::selected(&config);
     for (i, v) in state.vcpus.iter().enumerate() {
-        vcpu::check_cpuid(&v.cpuid, &host)
+        let mut shown = v.cpuid.clone();
+        if let Some(t) = &template {
+            crate::vm::cpu_template::clear_forced_bits(t, &mut shown);
+        }
+        vcpu::check_cpuid(&shown, &host)
             .map_err(|e| SnapshotError::Unsupported(format!("vCPU {i}: {e}")))?;
     }
     let (_, vm) = builder::create_vm()?;

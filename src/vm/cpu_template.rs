@@ -434,6 +434,27 @@ pub fn apply_msrs(t: &CustomCpuTemplate, fd: &VcpuFd) -> Result<(), CpuTemplateE
     }
 }
 
+/// Clears in `entries` the bits the template sets to 1: what is left is what the VM was
+/// shown of the host's own features.
+pub fn clear_forced_bits(t: &CustomCpuTemplate, entries: &mut [kvm_bindings::kvm_cpuid_entry2]) {
+    for m in &t.cpuid_modifiers {
+        for e in entries
+            .iter_mut()
+            .filter(|e| e.function == m.leaf && e.index == m.subleaf)
+        {
+            for r in &m.modifiers {
+                let forced = (r.bitmap.mask & r.bitmap.value & u64::from(u32::MAX)) as u32;
+                match r.register {
+                    CpuidRegister::Eax => e.eax &= !forced,
+                    CpuidRegister::Ebx => e.ebx &= !forced,
+                    CpuidRegister::Ecx => e.ecx &= !forced,
+                    CpuidRegister::Edx => e.edx &= !forced,
+                }
+            }
+        }
+    }
+}
+
 /// MSRs a template sets that a snapshot must save besides KVM's list.
 pub fn extend_msr_list(config: &VmConfig, list: &mut Vec<u32>) {
     if let Some(t) = selected(config) {
