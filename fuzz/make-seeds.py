@@ -43,6 +43,12 @@ http = {
     "pause": req("PATCH", "/vm", '{"state": "Paused"}'),
     "vm-config": req("GET", "/vm/config"),
     "balloon": req("PUT", "/balloon", '{"amount_mib": 1}'),
+    "cpu-config": req("PUT", "/cpu-config",
+                      '{"kvm_capabilities": ["!171"], "cpuid_modifiers": [{"leaf": "0x7", '
+                      '"subleaf": "0x0", "flags": 1, "modifiers": [{"register": "ebx", '
+                      '"bitmap": "0bxxxx_0x1"}]}], "msr_modifiers": [{"addr": "0x277", '
+                      '"bitmap": "0b101"}]}'),
+    "cpu-template": req("PATCH", "/machine-config", '{"cpu_template": "T2A"}'),
     "pipelined": req("GET", "/") + req("PUT", "/actions", '{"action_type": "FlushMetrics"}')
     + req("GET", "/machine-config"),
     "expect": req("PUT", "/metrics", '{"metrics_path": "/m"}', extra="Expect: 100-continue\r\n"),
@@ -82,6 +88,15 @@ write("config", "full", """{
   "logger": {"log_path": "/tmp/fc.log", "level": "debug", "show_level": true, "show_log_origin": false},
   "metrics": {"metrics_path": "/tmp/metrics.fifo"},
   "mmds-config": null, "entropy": null, "pmem": [], "memory-hotplug": null, "serial": {}
+}""")
+
+
+write("config", "cpu-template", """{
+  "boot-source": {"kernel_image_path": "/vmlinux"},
+  "machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2S"},
+  "cpu-config": {"cpuid_modifiers": [{"leaf": "0x80000001", "subleaf": "0x0", "flags": 0,
+                  "modifiers": [{"register": "ecx", "bitmap": "0b0xx_xxx1_xx"}]}],
+                 "msr_modifiers": [{"addr": "0x10a", "bitmap": "0b1_xxxx"}]}
 }""")
 
 

@@ -294,6 +294,33 @@ impl<'de> Deserialize<'de> for CpuConfigSource {
     }
 }
 
+/// Far above any real template (Firecracker's largest static one is about 10 KiB): a
+/// config file naming /dev/zero must not fill memory.
+const MAX_TEMPLATE_FILE: u64 = 1 << 20;
+
+/// Reads a template file: a regular file (opened without blocking, so a FIFO with no
+/// writer is refused rather than waited on) of at most `MAX_TEMPLATE_FILE` bytes.
+fn read_template_file(path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > MAX_TEMPLATE_FILE {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_TEMPLATE_FILE} bytes"
+        )));
+    }
+    let mut text = String::new();
+    file.take(MAX_TEMPLATE_FILE).read_to_string(&mut text)?;
+    Ok(text)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CpuConfigError {
     #[error("cannot read the CPU template file {path}: {source}")]
@@ -314,11 +341,10 @@ impl CpuConfigSource {
         match self {
             CpuConfigSource::Template(t) => Ok(t.clone()),
             CpuConfigSource::Path(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| CpuConfigError::Read {
-                        path: path.clone(),
-                        source,
-                    })?;
+                let text = read_template_file(path).map_err(|source| CpuConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
                 serde_json::from_str(&text).map_err(|source| CpuConfigError::Parse {
                     path: path.clone(),
                     source,
@@ -469,6 +495,11 @@ mod tests {
             e.starts_with("cannot read the CPU template file /nonexistent/t.json"),
             "{e}"
         );
+        let e = CpuConfigSource::Path("/dev/zero".into())
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("/dev/zero: not a regular file"), "{e}");
     }
 
     #[test]
