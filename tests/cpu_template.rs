@@ -441,6 +441,10 @@ fn templates_this_host_cannot_take_are_refused() {
         m.contains("MSR 0xdeadbeef is not supported by KVM on this host"),
         "{m}"
     );
+    // "None" clears a custom template too (as in Firecracker).
+    e.ok("PATCH", "/machine-config", r#"{"cpu_template": "None"}"#);
+    let vm: serde_json::Value = serde_json::from_str(&e.ok("GET", "/vm/config", "")).unwrap();
+    assert!(vm["cpu-config"].is_null(), "{vm}");
     e.ok("PUT", "/cpu-config", "{}");
     e.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
 
