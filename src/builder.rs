@@ -82,7 +82,10 @@ impl BuildError {
                 | cpu_template::CpuTemplateError::Rejected(_),
             )
             | BuildError::Memory(memory::MemoryError::TooLarge(_))
-            | BuildError::Memory(memory::MemoryError::Mmap { .. }) => exit_code::BAD_CONFIGURATION,
+            | BuildError::Memory(memory::MemoryError::Mmap { .. })
+            | BuildError::Memory(memory::MemoryError::HugePagesUnavailable { .. }) => {
+                exit_code::BAD_CONFIGURATION
+            }
             _ => exit_code::GENERIC_ERROR,
         }
     }
@@ -145,7 +148,20 @@ pub fn build(
     }
     let (kvm, vm) = create_vm()?;
     let mc = &config.machine_config;
-    let mem = memory::create(&vm, mc.mem_size_mib as u64, mc.track_dirty_pages)?;
+    if mc.huge_pages == crate::config::HugePages::Hugetlbfs2M && config.balloon.is_some() {
+        // As in Firecracker: the balloon works, but it hands back 4 KiB pages, which cannot
+        // be released from a mapping of 2 MiB pages.
+        log::warn!(
+            "balloon with huge_pages \"2M\": inflating restricts the guest but frees no host \
+             memory"
+        );
+    }
+    let mem = memory::create(
+        &vm,
+        mc.mem_size_mib as u64,
+        mc.track_dirty_pages,
+        mc.huge_pages,
+    )?;
     let (kernel, initrd) = load_kernel(config, &mem, &mut files)?;
     let reset_evt = EventFd::new(EFD_NONBLOCK)?;
     let devices = create_devices(config, opts, &vm, &mem, &reset_evt)?;

@@ -642,16 +642,19 @@ impl UffdHandler {
             let json = String::from_utf8_lossy(&buf[..n]).into_owned();
             let regions: serde_json::Value =
                 serde_json::from_str(&json).map_err(|e| format!("{e}: {json}"))?;
-            let regions: Vec<(u64, u64, u64)> = regions
+            let regions: Vec<(u64, u64, u64, u64)> = regions
                 .as_array()
                 .ok_or("not an array")?
                 .iter()
                 .map(|r| {
-                    assert_eq!(r["page_size"], 4096);
+                    let page = r["page_size"].as_u64().unwrap();
+                    assert!(page == 4096 || page == 2 << 20, "{r}");
+                    assert_eq!(r["page_size_kib"].as_u64().unwrap(), page / 1024);
                     (
                         r["base_host_virt_addr"].as_u64().unwrap(),
                         r["size"].as_u64().unwrap(),
                         r["offset"].as_u64().unwrap(),
+                        page,
                     )
                 })
                 .collect();
@@ -685,16 +688,19 @@ impl UffdHandler {
                 if r != 32 || msg[0] != UFFD_EVENT_PAGEFAULT {
                     continue;
                 }
-                let addr = u64::from_le_bytes(msg[16..24].try_into().unwrap()) & !4095;
-                let Some((base, _, offset)) =
-                    regions.iter().find(|(b, s, _)| addr >= *b && addr < b + s)
+                let addr = u64::from_le_bytes(msg[16..24].try_into().unwrap());
+                let Some((base, _, offset, page)) = regions
+                    .iter()
+                    .find(|(b, s, _, _)| addr >= *b && addr < b + s)
                 else {
                     return Err(format!("fault outside the regions at {addr:#x}"));
                 };
+                // Whole host pages: a region of huge pages is filled 2 MiB at a time.
+                let addr = addr & !(page - 1);
                 let mut copy = UffdioCopy {
                     dst: addr,
                     src: src as u64 + offset + (addr - base),
-                    len: 4096,
+                    len: *page,
                     mode: 0,
                     copy: 0,
                 };
@@ -765,6 +771,59 @@ fn uffd_backend_with_a_handler_of_our_own() {
     );
     assert_eq!(status, 400);
     assert!(e.contains("page-fault handler"), "{e}");
+}
+
+/// A VM on 2 MiB hugetlbfs pages (`huge_pages` "2M") snapshots like any other; as in
+/// Firecracker, its restore keeps the huge pages, so the File backend (a MAP_PRIVATE file
+/// mapping, which hugetlbfs pages cannot be) is refused and the Uffd backend is the way:
+/// the handler is told 2 MiB pages and fills them whole, and the guest continues exactly.
+#[test]
+fn huge_pages_snapshot_restores_through_uffd() {
+    let dir = TempDir::new("snap-huge");
+    let _pages = HugePagesReserved::new(32);
+    let guest = guest();
+    let config = dir.path("vm.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{guest}", "boot_args": "console=ttyS0 ember_test=snap"}},
+                "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64, "huge_pages": "2M"}}}}"#
+        ),
+    )
+    .unwrap();
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+    let a = Ember::start(&dir, "a", Some(&config));
+    a.wait_counter(2);
+    a.snapshot(&state, &mem);
+    let before = a.output();
+    drop(a);
+
+    let b = Ember::start(&dir, "b", None);
+    let (status, e) = b.request("PUT", "/snapshot/load", &load_body(&state, &mem, true));
+    assert_eq!(status, 400, "{e}");
+    assert!(e.contains("use the Uffd backend"), "{e}");
+
+    let sock = dir.path("uffd.sock");
+    let handler = UffdHandler::start(&sock, &mem);
+    b.ok(
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "Uffd", "backend_path": "{}"}}, "resume_vm": true}}"#,
+            state.display(),
+            sock.display()
+        ),
+    );
+    let last = snap_lines(&before).last().unwrap().n;
+    b.wait_counter(last + 3);
+    assert_continues(&before, &b.output());
+    let vc: serde_json::Value =
+        serde_json::from_str(&http_ok(&b.sock, "GET", "/vm/config", None)).unwrap();
+    assert_eq!(vc["machine-config"]["huge_pages"], "2M", "{vc}");
+    drop(b);
+    let (served, json) = handler.finish();
+    assert!(served >= 1, "the handler served {served} pages");
+    assert!(json.contains(r#""page_size":2097152"#), "{json}");
 }
 
 /// `ember --no-api --restore FILE`: the PUT /snapshot/load body from a file, no API round

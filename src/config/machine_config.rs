@@ -10,8 +10,7 @@ pub const MAX_VCPUS: u8 = 32;
 pub const DEFAULT_VCPU_COUNT: u8 = 1;
 pub const DEFAULT_MEM_SIZE_MIB: usize = 128;
 
-/// Firecracker's `MachineConfig`. `huge_pages` is kept as the string the user wrote,
-/// because ember only accepts its "None" value and must be able to name the refused one.
+/// Firecracker's `MachineConfig`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
@@ -29,28 +28,64 @@ pub struct MachineConfig {
     /// Accepted and passed on to guest memory creation (KVM dirty logging).
     #[serde(default)]
     pub track_dirty_pages: bool,
-    /// Only absent or "None" is accepted. Always reported, "None" when unset, as
-    /// Firecracker reports it.
-    #[serde(
-        default,
-        serialize_with = "none_when_unset",
-        deserialize_with = "unset_when_none"
-    )]
-    pub huge_pages: Option<String>,
+    /// What backs guest RAM. Always reported, "None" when unset, as Firecracker reports it.
+    #[serde(default, deserialize_with = "none_when_null")]
+    pub huge_pages: HugePages,
 }
 
 fn no_template(t: &Option<StaticCpuTemplate>) -> bool {
     matches!(t, None | Some(StaticCpuTemplate::None))
 }
 
-/// "None" and absent mean the same; keeping one spelling makes a reported configuration
-/// read back equal.
-fn unset_when_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Ok(Option::<String>::deserialize(d)?.filter(|v| v != NONE))
+/// Firecracker's `huge_pages`: the page size behind guest RAM. `None` and `2M` are
+/// Firecracker v1.16's; `Transparent` comes from its development branch (after v1.16).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HugePages {
+    /// 4 KiB pages from an anonymous mapping.
+    #[default]
+    None,
+    /// 2 MiB pages from the host's hugetlbfs pool (`MAP_HUGETLB`), reserved when the VM is
+    /// built: a pool too small is an error then, never a SIGBUS later.
+    #[serde(rename = "2M")]
+    Hugetlbfs2M,
+    /// An anonymous mapping with `madvise(MADV_HUGEPAGE)`: the kernel uses 2 MiB pages
+    /// where it can, 4 KiB pages where it cannot. Needs no set-up beyond THP being
+    /// `madvise` or `always` in /sys/kernel/mm/transparent_hugepage/enabled.
+    Transparent,
 }
 
-fn none_when_unset<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(v.as_deref().unwrap_or(NONE))
+impl HugePages {
+    /// Guest RAM must be a whole number of these MiB (Firecracker's rule).
+    pub fn mem_size_unit_mib(self) -> usize {
+        match self {
+            HugePages::None => 1,
+            HugePages::Hugetlbfs2M | HugePages::Transparent => 2,
+        }
+    }
+
+    /// The host page size behind guest RAM, as told to a userfaultfd handler.
+    pub fn page_size(self) -> usize {
+        match self {
+            HugePages::None | HugePages::Transparent => 4096,
+            HugePages::Hugetlbfs2M => 2 << 20,
+        }
+    }
+}
+
+impl std::fmt::Display for HugePages {
+    /// The spelling of the API and the config file.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HugePages::None => "None",
+            HugePages::Hugetlbfs2M => "2M",
+            HugePages::Transparent => "Transparent",
+        })
+    }
+}
+
+/// `null` means what absent means (earlier ember releases accepted it).
+fn none_when_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HugePages, D::Error> {
+    Ok(Option::<HugePages>::deserialize(d)?.unwrap_or_default())
 }
 
 impl Default for MachineConfig {
@@ -61,7 +96,7 @@ impl Default for MachineConfig {
             smt: false,
             cpu_template: None,
             track_dirty_pages: false,
-            huge_pages: None,
+            huge_pages: HugePages::None,
         }
     }
 }
@@ -74,12 +109,13 @@ pub enum MachineConfigError {
     MemSize,
     #[error("smt is not supported by ember; set it to false or leave it out")]
     Smt,
-    #[error("huge_pages `{0}` is not supported by ember; use \"None\" or leave it out")]
-    HugePages(String),
+    #[error("mem_size_mib must be a multiple of {unit} with huge_pages \"{pages}\", got {mem}")]
+    MemSizeForPages {
+        mem: usize,
+        unit: usize,
+        pages: HugePages,
+    },
 }
-
-/// The spelling Firecracker uses for "no template" and "no huge pages".
-const NONE: &str = "None";
 
 impl MachineConfig {
     /// The static template in effect: "None" is no template.
@@ -97,8 +133,13 @@ impl MachineConfig {
         if self.smt {
             return Err(MachineConfigError::Smt);
         }
-        if let Some(h) = self.huge_pages.as_deref().filter(|h| *h != NONE) {
-            return Err(MachineConfigError::HugePages(h.to_string()));
+        let unit = self.huge_pages.mem_size_unit_mib();
+        if !self.mem_size_mib.is_multiple_of(unit) {
+            return Err(MachineConfigError::MemSizeForPages {
+                mem: self.mem_size_mib,
+                unit,
+                pages: self.huge_pages,
+            });
         }
         Ok(())
     }
@@ -119,7 +160,7 @@ pub struct MachineConfigUpdate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub track_dirty_pages: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub huge_pages: Option<String>,
+    pub huge_pages: Option<HugePages>,
 }
 
 impl MachineConfigUpdate {
@@ -140,7 +181,7 @@ impl MachineConfigUpdate {
                 .or(base.cpu_template)
                 .filter(|t| *t != StaticCpuTemplate::None),
             track_dirty_pages: self.track_dirty_pages.unwrap_or(base.track_dirty_pages),
-            huge_pages: self.huge_pages.clone().or_else(|| base.huge_pages.clone()),
+            huge_pages: self.huge_pages.unwrap_or(base.huge_pages),
         };
         updated.validate()?;
         Ok(updated)
@@ -204,8 +245,16 @@ mod tests {
                 "unknown variant `T3`, expected one of `None`, `C3`, `T2`, `T2S`, `T2CL`, `T2A`",
             ),
             (
-                r#"{"vcpu_count": 1, "mem_size_mib": 1, "huge_pages": "2M"}"#,
-                "huge_pages `2M` is not supported",
+                r#"{"vcpu_count": 1, "mem_size_mib": 129, "huge_pages": "2M"}"#,
+                r#"mem_size_mib must be a multiple of 2 with huge_pages "2M", got 129"#,
+            ),
+            (
+                r#"{"vcpu_count": 1, "mem_size_mib": 3, "huge_pages": "Transparent"}"#,
+                "mem_size_mib must be a multiple of 2",
+            ),
+            (
+                r#"{"vcpu_count": 1, "mem_size_mib": 2, "huge_pages": "1G"}"#,
+                "unknown variant `1G`, expected one of `None`, `2M`, `Transparent`",
             ),
             (r#"{"mem_size_mib": 1}"#, "missing field `vcpu_count`"),
             (r#"{"vcpu_count": 1}"#, "missing field `mem_size_mib`"),
@@ -252,6 +301,36 @@ mod tests {
         assert_eq!(c.cpu_template, Some(StaticCpuTemplate::T2A));
         let u: MachineConfigUpdate = serde_json::from_str(r#"{"cpu_template": "None"}"#).unwrap();
         assert_eq!(u.apply(&c).unwrap().cpu_template, None);
+    }
+
+    #[test]
+    fn huge_pages_values() {
+        for (v, want) in [
+            ("\"None\"", HugePages::None),
+            ("null", HugePages::None),
+            ("\"2M\"", HugePages::Hugetlbfs2M),
+            ("\"Transparent\"", HugePages::Transparent),
+        ] {
+            let c = parse(&format!(
+                r#"{{"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": {v}}}"#
+            ))
+            .unwrap();
+            assert_eq!(c.huge_pages, want, "{v}");
+            // Reported as written (null as "None") and read back equal.
+            let s = serde_json::to_value(&c).unwrap();
+            assert_eq!(s["huge_pages"], v.trim_matches('"').replace("null", "None"));
+            assert_eq!(parse(&s.to_string()).unwrap(), c);
+        }
+        let base = parse(r#"{"vcpu_count": 1, "mem_size_mib": 128}"#).unwrap();
+        let u: MachineConfigUpdate = serde_json::from_str(r#"{"huge_pages": "2M"}"#).unwrap();
+        assert_eq!(u.apply(&base).unwrap().huge_pages, HugePages::Hugetlbfs2M);
+        let u: MachineConfigUpdate = serde_json::from_str(r#"{"mem_size_mib": 7}"#).unwrap();
+        let c = u.apply(&base).unwrap();
+        let u: MachineConfigUpdate = serde_json::from_str(r#"{"huge_pages": "2M"}"#).unwrap();
+        assert!(matches!(
+            u.apply(&c),
+            Err(MachineConfigError::MemSizeForPages { mem: 7, .. })
+        ));
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub use cpu_template::{CpuConfigSource, CustomCpuTemplate, StaticCpuTemplate};
 pub use drive::{CacheType, DriveConfig, DriveError, DriveUpdate, IoEngine};
 pub use entropy::{EntropyDeviceConfig, EntropyError};
 pub use logger::{LogLevel, LoggerConfig, LoggerConfigError};
-pub use machine_config::{MachineConfig, MachineConfigError, MachineConfigUpdate};
+pub use machine_config::{HugePages, MachineConfig, MachineConfigError, MachineConfigUpdate};
 pub use metrics::{MetricsConfig, MetricsConfigError};
 pub use mmds::{MmdsConfig, MmdsConfigError, MmdsVersion};
 pub use net::{MacAddr, NetError, NetworkInterfaceConfig, NetworkInterfaceUpdate};
@@ -582,8 +582,8 @@ mod tests {
                 "cpu-config: cannot read the CPU template file /nonexistent/template.json",
             ),
             (
-                r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}"#,
-                "machine-config.huge_pages `2M` is not supported by ember",
+                r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 127, "huge_pages": "2M"}"#,
+                "machine-config.mem_size_mib must be a multiple of 2 with huge_pages",
             ),
             (
                 r#""drives": [{"drive_id": "a", "path_on_host": "/a", "is_root_device": true},

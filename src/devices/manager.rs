@@ -738,7 +738,7 @@ mod tests {
         let kvm = kvm_ioctls::Kvm::new().unwrap();
         let vm = Arc::new(kvm.create_vm().unwrap());
         crate::vm::irq::create_split_irqchip(&vm).unwrap();
-        let mem = crate::vm::memory::create(&vm, 16, false).unwrap();
+        let mem = crate::vm::memory::create(&vm, 16, false, Default::default()).unwrap();
         let dir = std::env::temp_dir().join(format!("ember-dm-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let disk = dir.join("disk.img");

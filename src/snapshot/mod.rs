@@ -19,16 +19,17 @@ use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{self, BuildError, BuildOptions, BuiltVm};
-use crate::config::VmConfig;
 use crate::config::snapshot::{
     CreateSnapshotParams, LoadSnapshotParams, MemBackendType, SnapshotType,
 };
+use crate::config::{HugePages, VmConfig};
 use crate::vcpu::{ExitSignal, Vcpu, VcpuControl};
 use crate::vmm::Vmm;
 use devices::DevicesState;
 use format::pod;
 use memory::RegionState;
 use vcpu::VcpuState;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Everything a snapshot holds besides guest memory.
@@ -317,21 +318,42 @@ pub fn restore(
     let (_, vm) = builder::create_vm()?;
     vcpu::check_xsave_size(&vm).map_err(SnapshotError::Unsupported)?;
 
+    // The restored VM keeps the page size it was snapshotted with, as in Firecracker.
+    let huge_pages = config.machine_config.huge_pages;
     let (mem, uffd) = match backend.backend_type {
-        MemBackendType::File => (
-            memory::map_file(&backend.backend_path, &state.memory, mem_mib)?,
-            None,
-        ),
+        MemBackendType::File => {
+            if huge_pages == HugePages::Hugetlbfs2M {
+                // A MAP_PRIVATE file mapping cannot be made of hugetlbfs pages.
+                return Err(SnapshotError::Unsupported(
+                    "a snapshot of a VM with huge_pages \"2M\" cannot be restored by mapping \
+                     the memory file: use the Uffd backend"
+                        .into(),
+                ));
+            }
+            let mem = memory::map_file(&backend.backend_path, &state.memory, mem_mib)?;
+            if huge_pages == HugePages::Transparent {
+                crate::vm::memory::warn_if_thp_off();
+                for region in mem.iter() {
+                    crate::vm::memory::advise_huge(region.as_ptr(), region.len() as usize);
+                }
+            }
+            (mem, None)
+        }
         MemBackendType::Uffd => {
             let ranges: Vec<_> = state
                 .memory
                 .iter()
                 .map(|r| (vm_memory::GuestAddress(r.guest_addr), r.size as usize))
                 .collect();
-            let mem = crate::vm::memory::GuestMemory::from_ranges(&ranges)
-                .map_err(|e| SnapshotError::Device(format!("cannot map guest memory: {e}")))?;
-            let b = uffd::connect(&mem, &state.memory, &backend.backend_path)
-                .map_err(SnapshotError::Unsupported)?;
+            let mem = crate::vm::memory::map_anonymous(&ranges, huge_pages)
+                .map_err(|e| SnapshotError::Device(e.to_string()))?;
+            let b = uffd::connect(
+                &mem,
+                &state.memory,
+                &backend.backend_path,
+                huge_pages.page_size(),
+            )
+            .map_err(SnapshotError::Unsupported)?;
             (mem, Some(b))
         }
     };

@@ -13,7 +13,7 @@ use serde::Serialize;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use super::memory::{PAGE_SIZE, RegionState};
+use super::memory::RegionState;
 use crate::vm::memory::GuestMemory;
 
 // From <linux/userfaultfd.h> (x86_64).
@@ -65,6 +65,7 @@ pub fn connect(
     mem: &GuestMemory,
     layout: &[RegionState],
     socket_path: &str,
+    page_size: usize,
 ) -> Result<UffdBackend, String> {
     // SAFETY: userfaultfd(2) takes only flags; the result is checked.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
@@ -104,8 +105,8 @@ pub fn connect(
             base_host_virt_addr: host as u64,
             size: r.size as usize,
             offset: r.file_offset,
-            page_size: PAGE_SIZE as usize,
-            page_size_kib: (PAGE_SIZE / 1024) as usize,
+            page_size,
+            page_size_kib: page_size / 1024,
         });
     }
     let body = serde_json::to_vec(&mappings).map_err(|e| e.to_string())?;

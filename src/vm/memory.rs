@@ -4,7 +4,11 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
+
 use super::layout::{HIGH_RAM_START, MMIO_GAP_START};
+use crate::config::HugePages;
 
 /// With a dirty bitmap: the pages ember itself writes (virtio buffers and rings) are not
 /// in KVM's dirty log, and a Diff snapshot must hold them too.
@@ -18,6 +22,24 @@ pub enum MemoryError {
     Mmap {
         size_mib: u64,
         source: vm_memory::mmap::FromRangesError,
+    },
+    #[error(
+        "cannot map {size_mib} MiB of guest memory with 2 MiB huge pages ({source}): the host \
+         has {free} free 2 MiB huge pages and this VM needs {need}; reserve them as root with \
+         `echo $(( $(cat /proc/sys/vm/nr_hugepages) + {need} )) > /proc/sys/vm/nr_hugepages` \
+         (or hugepages=N on the host's kernel command line), or use huge_pages \"None\" or \
+         \"Transparent\""
+    )]
+    HugePagesUnavailable {
+        size_mib: u64,
+        free: u64,
+        need: u64,
+        source: std::io::Error,
+    },
+    #[error("cannot map {size_mib} MiB of guest memory: {source}")]
+    MapRegion {
+        size_mib: u64,
+        source: vm_memory::mmap::MmapRegionError,
     },
     #[error("KVM refused guest memory region {slot}: {0}", slot = .1)]
     SetRegion(kvm_ioctls::Error, u32),
@@ -41,6 +63,7 @@ pub fn create(
     vm: &VmFd,
     mem_mib: u64,
     track_dirty_pages: bool,
+    huge_pages: HugePages,
 ) -> Result<GuestMemory, MemoryError> {
     let bytes = mem_mib
         .checked_mul(1 << 20)
@@ -50,12 +73,95 @@ pub fn create(
         .map(|(a, len)| usize::try_from(len).map(|len| (a, len)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| MemoryError::TooLarge(mem_mib))?;
-    let mem = GuestMemory::from_ranges(&ranges).map_err(|source| MemoryError::Mmap {
-        size_mib: mem_mib,
-        source,
-    })?;
+    let mem = map_anonymous(&ranges, huge_pages)?;
     register(vm, &mem, track_dirty_pages)?;
     Ok(mem)
+}
+
+/// Maps anonymous guest RAM for `ranges`, backed by the pages `huge_pages` asks for.
+pub fn map_anonymous(
+    ranges: &[(GuestAddress, usize)],
+    huge_pages: HugePages,
+) -> Result<GuestMemory, MemoryError> {
+    let size_mib = ranges.iter().map(|(_, len)| *len as u64).sum::<u64>() >> 20;
+    if huge_pages != HugePages::Hugetlbfs2M {
+        let mem = GuestMemory::from_ranges(ranges)
+            .map_err(|source| MemoryError::Mmap { size_mib, source })?;
+        if huge_pages == HugePages::Transparent {
+            warn_if_thp_off();
+            for region in mem.iter() {
+                advise_huge(region.as_ptr(), region.len() as usize);
+            }
+        }
+        return Ok(mem);
+    }
+    // MAP_HUGETLB without MAP_NORESERVE: the kernel reserves every huge page now, so a
+    // pool too small fails here with ENOMEM instead of a SIGBUS when the guest first
+    // touches a page the pool cannot give (what MAP_NORESERVE would risk).
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
+    let mut regions = Vec::with_capacity(ranges.len());
+    for &(addr, len) in ranges {
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .with_hugetlbfs(true)
+            .build()
+            .map_err(|source| match source {
+                vm_memory::mmap::MmapRegionError::Mmap(e) => MemoryError::HugePagesUnavailable {
+                    size_mib,
+                    free: free_huge_pages_2m().unwrap_or(0),
+                    need: size_mib.div_ceil(2),
+                    source: e,
+                },
+                source => MemoryError::MapRegion { size_mib, source },
+            })?;
+        let region = vm_memory::GuestRegionMmap::new(mapping, addr)
+            .ok_or(MemoryError::TooLarge(size_mib))?;
+        regions.push(region);
+    }
+    GuestMemory::from_regions(regions).map_err(|_| MemoryError::TooLarge(size_mib))
+}
+
+/// Asks the kernel for transparent huge pages on one mapping of guest RAM. A refusal
+/// (THP `never`, or a kernel without THP) leaves 4 KiB pages, which work the same: it is
+/// logged, not an error.
+pub fn advise_huge(addr: *mut u8, len: usize) {
+    // SAFETY: [addr, addr + len) is one live mapping of guest RAM; MADV_HUGEPAGE changes
+    // only how the kernel backs it, never its contents.
+    let r = unsafe { libc::madvise(addr.cast(), len, libc::MADV_HUGEPAGE) };
+    if r != 0 {
+        log::warn!(
+            "huge_pages Transparent: madvise(MADV_HUGEPAGE) failed ({}); guest memory stays \
+             on 4 KiB pages",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// madvise(MADV_HUGEPAGE) succeeds even where THP is `never`: say that the advice is moot.
+pub fn warn_if_thp_off() {
+    let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
+    if mode.as_deref().map_or(true, |m| m.contains("[never]")) {
+        log::warn!(
+            "huge_pages Transparent: transparent huge pages are off on this host (`never` or \
+             missing in /sys/kernel/mm/transparent_hugepage/enabled); guest memory stays on \
+             4 KiB pages"
+        );
+    }
+}
+
+/// 2 MiB huge pages a new mapping can still reserve: free in the pool and not promised to
+/// a mapping already (`HugePages_Free` - `HugePages_Rsvd` of /proc/meminfo, whose default
+/// huge page size is 2 MiB on x86-64).
+pub fn free_huge_pages_2m() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some(field("HugePages_Free:")?.saturating_sub(field("HugePages_Rsvd:")?))
 }
 
 /// Registers each region of `mem` with KVM as one memory slot (slot = region index), with

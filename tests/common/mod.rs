@@ -265,3 +265,60 @@ impl FifoReader {
         self.lines.lock().unwrap().clone()
     }
 }
+
+/// A field of /proc/meminfo (`HugePages_Free:` and the like), as a number.
+pub fn meminfo(field: &str) -> u64 {
+    let m = std::fs::read_to_string("/proc/meminfo").expect("read /proc/meminfo");
+    m.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("/proc/meminfo has no {field}"))
+}
+
+/// Held while a test counts on the host's huge page pool: tests in other threads or test
+/// binaries that reserve or count huge pages wait for it.
+pub fn huge_pages_lock() -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::create(std::env::temp_dir().join("ember-test-hugepages.lock"))
+        .expect("create the huge pages lock file");
+    // SAFETY: flock on a descriptor we own; the lock goes with the file.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(r, 0, "flock: {}", std::io::Error::last_os_error());
+    f
+}
+
+/// 2 MiB huge pages reserved in the host pool for one test: /proc/sys/vm/nr_hugepages is
+/// raised by `n` and set back to what it was on drop, under `huge_pages_lock`.
+pub struct HugePagesReserved {
+    old: u64,
+    _lock: std::fs::File,
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+impl HugePagesReserved {
+    pub fn new(n: u64) -> HugePagesReserved {
+        let lock = huge_pages_lock();
+        let old: u64 = std::fs::read_to_string(NR_HUGEPAGES)
+            .expect("read nr_hugepages")
+            .trim()
+            .parse()
+            .expect("nr_hugepages is a number");
+        let guard = HugePagesReserved { old, _lock: lock };
+        std::fs::write(NR_HUGEPAGES, (old + n).to_string())
+            .expect("write /proc/sys/vm/nr_hugepages (tests run as root)");
+        let avail = meminfo("HugePages_Free:").saturating_sub(meminfo("HugePages_Rsvd:"));
+        assert!(
+            avail >= n,
+            "the host gave {avail} of {n} 2 MiB huge pages asked for (memory too fragmented?)"
+        );
+        guard
+    }
+}
+
+impl Drop for HugePagesReserved {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.old.to_string());
+    }
+}
