@@ -147,6 +147,8 @@ pub fn build(
         log::info!("CPU template: {}", cpu_template::describe(config));
     }
     let (kvm, vm) = create_vm()?;
+    let t = &METRICS.boot_timeline_us;
+    timeline_mark(&t.vm_created);
     let mc = &config.machine_config;
     if mc.huge_pages == crate::config::HugePages::Hugetlbfs2M && config.balloon.is_some() {
         // As in Firecracker: the balloon works, but it hands back 4 KiB pages, which cannot
@@ -162,11 +164,15 @@ pub fn build(
         mc.track_dirty_pages,
         mc.huge_pages,
     )?;
+    timeline_mark(&t.memory_ready);
     let (kernel, initrd) = load_kernel(config, &mem, &mut files)?;
+    timeline_mark(&t.kernel_loaded);
     let reset_evt = EventFd::new(EFD_NONBLOCK)?;
     let devices = create_devices(config, opts, &vm, &mem, &reset_evt)?;
+    timeline_mark(&t.devices_ready);
     let pvm = crate::vm::is_pvm_host();
     let cmdline = write_boot_data(config, &mem, &kernel, initrd, &devices, pvm)?;
+    timeline_mark(&t.boot_data_ready);
     let (vcpus, controls) = create_vcpus(
         &kvm,
         &vm,

@@ -383,10 +383,12 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
         }
         metrics::flush_if_due();
     };
+    metrics::timeline_mark(&metrics::METRICS.boot_timeline_us.vm_stopped);
     if let Some((server, receiver)) = api {
         server.stop(receiver);
     }
     controller.shutdown();
+    metrics::timeline_mark(&metrics::METRICS.boot_timeline_us.shutdown_done);
     match &why {
         VmExit::GuestReset | VmExit::GuestShutdown | VmExit::Signal(_) => {
             log::info!("VM stopped: {why}")

@@ -92,13 +92,29 @@ pub struct Timeline {
     /// Always 0: the origin, written so readers see the whole timeline.
     #[serde(serialize_with = "zero")]
     pub process_start: (),
+    /// From the launch (`--start-time-us`, CLOCK_MONOTONIC µs) to `process_start`: the
+    /// exec, dynamic loading and runtime set-up before `main`. 0 without the flag.
+    pub launch_to_main: AtomicU64,
     pub api_ready: AtomicU64,
     pub config_ready: AtomicU64,
     pub instance_start: AtomicU64,
+    /// The build's phases, in order: KVM_CREATE_VM done, guest RAM mapped and registered,
+    /// kernel loaded, devices created, boot data (command line, boot params, MP table)
+    /// written; `vm_built` follows the vCPUs' set-up (CPUID, MSRs, LAPIC, registers).
+    pub vm_created: AtomicU64,
+    pub memory_ready: AtomicU64,
+    pub kernel_loaded: AtomicU64,
+    pub devices_ready: AtomicU64,
+    pub boot_data_ready: AtomicU64,
     pub vm_built: AtomicU64,
     pub first_vcpu_run: AtomicU64,
     pub first_serial_output: AtomicU64,
     pub guest_boot_timer: AtomicU64,
+    /// The VMM thread saw why the VM stops (reset, shutdown, signal, error).
+    pub vm_stopped: AtomicU64,
+    /// vCPU threads joined and devices shut down; what remains is the process exit,
+    /// where the kernel tears the VM down.
+    pub shutdown_done: AtomicU64,
 }
 
 fn zero<S: serde::Serializer>(_: &(), s: S) -> Result<S::Ok, S::Error> {
@@ -109,9 +125,13 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
 
 static START: OnceLock<Instant> = OnceLock::new();
 
+/// CLOCK_MONOTONIC µs at `start()`, to place `process_start` against `--start-time-us`.
+static START_MONOTONIC_US: AtomicU64 = AtomicU64::new(0);
+
 /// Marks process start (the first thing main does).
 pub fn start() {
     let _ = START.get_or_init(Instant::now);
+    START_MONOTONIC_US.store(clock_us(libc::CLOCK_MONOTONIC), Ordering::Relaxed);
 }
 
 /// Microseconds since process start (at least 1, so that 0 can mean "never").
@@ -181,6 +201,11 @@ fn clock_us(clock: libc::clockid_t) -> u64 {
 /// called once the API is ready (or, without the API, once the VM is configured).
 pub fn report_start_times(t: &StartTimes) {
     if let Some(start) = t.start_time_us {
+        let main = START_MONOTONIC_US.load(Ordering::Relaxed);
+        METRICS
+            .boot_timeline_us
+            .launch_to_main
+            .store(main.saturating_sub(start), Ordering::Relaxed);
         let delta = clock_us(libc::CLOCK_MONOTONIC).saturating_sub(start);
         METRICS
             .api_server
@@ -374,13 +399,21 @@ mod tests {
             keys("boot_timeline_us"),
             [
                 "api_ready",
+                "boot_data_ready",
                 "config_ready",
+                "devices_ready",
                 "first_serial_output",
                 "first_vcpu_run",
                 "guest_boot_timer",
                 "instance_start",
+                "kernel_loaded",
+                "launch_to_main",
+                "memory_ready",
                 "process_start",
-                "vm_built"
+                "shutdown_done",
+                "vm_built",
+                "vm_created",
+                "vm_stopped"
             ]
         );
         assert_eq!(v["boot_timeline_us"]["process_start"], 0);
