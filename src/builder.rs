@@ -13,7 +13,7 @@ use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::devices::virtio::VirtioError;
 use crate::exit_code;
 use crate::metrics::{METRICS, timeline_mark};
-use crate::vcpu::{ExitSignal, Vcpu, VcpuControl};
+use crate::vcpu::{ExitSignal, Vcpu, VcpuControl, VcpuThread};
 use crate::vm::layout::*;
 use crate::vm::{boot, cpu_template, cpuid, irq, memory, mptable, regs};
 
@@ -119,6 +119,9 @@ pub struct BuiltVm {
     /// What must live as long as the VM besides the above (a Uffd backend's descriptor
     /// and handler connection).
     pub keep_alive: Vec<Box<dyn std::any::Any + Send>>,
+    /// vCPU threads started while the VM was built, in vCPU order (may be fewer than the
+    /// vCPUs, or none: the rest get a thread when the VM starts).
+    pub threads: Vec<VcpuThread>,
 }
 
 /// Boot arguments that keep Linux off the instructions a PVM host cannot emulate in guest
@@ -146,10 +149,15 @@ pub fn build(
     if template.is_some() {
         log::info!("CPU template: {}", cpu_template::describe(config));
     }
+    let mc = &config.machine_config;
+    // First, so that the threads' start-up runs alongside the build (see VcpuThread). A
+    // thread that cannot be had now is made when the VM starts.
+    let threads: Vec<VcpuThread> = (0..mc.vcpu_count)
+        .map_while(|i| VcpuThread::spawn(i).ok())
+        .collect();
     let (kvm, vm) = create_vm()?;
     let t = &METRICS.boot_timeline_us;
     timeline_mark(&t.vm_created);
-    let mc = &config.machine_config;
     if mc.huge_pages == crate::config::HugePages::Hugetlbfs2M && config.balloon.is_some() {
         // As in Firecracker: the balloon works, but it hands back 4 KiB pages, which cannot
         // be released from a mapping of 2 MiB pages.
@@ -198,6 +206,7 @@ pub fn build(
         cmdline,
         msr_list,
         keep_alive: Vec::new(),
+        threads,
     })
 }
 

@@ -325,14 +325,49 @@ pub struct Vcpu {
     pub control: Arc<VcpuControl>,
 }
 
+/// A vCPU thread started before its vCPU exists: it loads its seccomp filter (the kernel
+/// checks and compiles the program, a few hundred microseconds) and waits for the vCPU
+/// while the VMM thread builds the VM, so neither the thread's creation nor the filter is
+/// on the path to the first KVM_RUN. Dropped unused (a failed build), the thread ends.
+pub struct VcpuThread {
+    vcpu: std::sync::mpsc::SyncSender<Vcpu>,
+}
+
+impl VcpuThread {
+    pub fn spawn(index: u8) -> std::io::Result<VcpuThread> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vcpu>(1);
+        std::thread::Builder::new()
+            .name(format!("ember_vcpu{index}"))
+            .spawn(move || {
+                let filter = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu);
+                let Ok(vcpu) = rx.recv() else { return };
+                match filter {
+                    Ok(()) => vcpu.run_filtered(),
+                    Err(e) => vcpu.exit.stop(VmExit::VmmError(e.to_string())),
+                }
+            })?;
+        Ok(VcpuThread { vcpu: tx })
+    }
+
+    /// Hands the vCPU to its thread, which runs it; gives it back if the thread is gone.
+    pub fn start(self, vcpu: Vcpu) -> Result<(), Vcpu> {
+        self.vcpu.send(vcpu).map_err(|e| e.0)
+    }
+}
+
 impl Vcpu {
     /// The thread body. Returns only when the VM stops.
-    pub fn run(mut self) {
+    pub fn run(self) {
         // Before the first KVM_RUN: guest-driven exits are this thread's input.
         if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
             self.exit.stop(VmExit::VmmError(e.to_string()));
             return;
         }
+        self.run_filtered();
+    }
+
+    /// `run` once this thread's seccomp filter is in place.
+    fn run_filtered(mut self) {
         // SAFETY: pthread_self is always safe to call.
         let me = unsafe { libc::pthread_self() };
         *self

@@ -181,6 +181,7 @@ impl Vmm {
             cmdline,
             msr_list,
             keep_alive,
+            threads,
         } = built;
         let reset: Subscriber = Arc::new(Mutex::new(GuestReset {
             exit: exit.clone(),
@@ -197,7 +198,16 @@ impl Vmm {
                 c.pause();
             }
         }
+        let mut threads = threads.into_iter();
         for vcpu in vcpus {
+            // The thread started during the build, if it is still there.
+            let vcpu = match threads.next() {
+                Some(t) => match t.start(vcpu) {
+                    Ok(()) => continue,
+                    Err(vcpu) => vcpu,
+                },
+                None => vcpu,
+            };
             let name = format!("ember_vcpu{}", vcpu.index);
             if let Err(e) = std::thread::Builder::new()
                 .name(name)

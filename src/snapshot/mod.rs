@@ -414,6 +414,7 @@ pub fn restore(
             Some(b) => vec![Box::new(b)],
             None => Vec::new(),
         },
+        threads: Vec::new(),
     };
     Ok((built, config))
 }
