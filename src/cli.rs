@@ -104,6 +104,9 @@ pub struct Args {
     /// The jailer's old `--node N` (NUMA node), which Kata still passes: ignored with a
     /// warning (placement is the cgroups' job, `--cgroup cpuset.mems=N`).
     pub jailer_node: Option<String>,
+    /// Started with Firecracker's jailer command line (`cli::jailer_invocation`):
+    /// `--version` and `--help` answer as the jailer does.
+    pub jailer_form: bool,
 }
 
 /// Flags that may be given more than once.
@@ -276,6 +279,7 @@ pub fn parse_jailer<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, Arg
             why: "jail flags go before `--`, the VMM's flags after it".into(),
         });
     }
+    a.jailer_form = true;
     let mut seen = std::collections::HashSet::new();
     let mut it = jailer.iter().cloned();
     let vmm_id = a.id.take();

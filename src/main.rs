@@ -170,6 +170,17 @@ fn version_text() -> String {
     )
 }
 
+/// `jailer --version`: Firecracker's jailer prints `Jailer v<version>` and an empty line;
+/// ember prints the Firecracker release whose jailer command line it takes, then its own
+/// version as `--version` does.
+fn jailer_version_text() -> String {
+    format!(
+        "Jailer v{api}\n\nember v{own} (implements the Firecracker v{api} jailer command line)\n",
+        api = ember::FIRECRACKER_API_VERSION,
+        own = ember::EMBER_VERSION,
+    )
+}
+
 /// `--snapshot-version`: the state-file format version, first and alone on its line as
 /// Firecracker prints its snapshot data format version; then which files this ember reads.
 fn snapshot_version_text() -> String {
@@ -239,11 +250,18 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
     }
     let args = parse_args()?;
     if args.help {
+        if args.jailer_form {
+            print!("{}", jailer_version_text());
+        }
         print!("{}", cli::USAGE);
         return Ok(exit_code::OK);
     }
     if args.version {
-        print!("{}", version_text());
+        if args.jailer_form {
+            print!("{}", jailer_version_text());
+        } else {
+            print!("{}", version_text());
+        }
         return Ok(exit_code::OK);
     }
     if args.snapshot_version {

@@ -312,10 +312,10 @@ fn every_error_case_answers_fault_message() {
             s,
             "PUT",
             "/vsock",
-            Some(r#"{"guest_cid": 2, "uds_path": "/v"}"#),
+            Some(r#"{"guest_cid": 3, "uds_path": ""}"#),
         ),
         400,
-        "guest_cid 2 is reserved",
+        "uds_path must not be empty",
     );
     assert_fault(
         curl(s, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)),

@@ -5,7 +5,10 @@ use std::os::unix::fs::FileTypeExt;
 
 use serde::{Deserialize, Serialize};
 
-/// CIDs 0, 1 and 2 are the hypervisor, local loopback and the host: a guest needs 3 or more.
+/// CIDs 0, 1 and 2 are the hypervisor, local loopback and the host: a guest should have 3
+/// or more. Firecracker accepts any CID, and firecracker-containerd sends 0 (its vsock
+/// device has no CID set): with hybrid vsock the CID only labels packets between the
+/// guest and this device, so ember accepts it too and warns (`reserved_cid_warning`).
 pub const MIN_GUEST_CID: u32 = 3;
 /// `sun_path` holds 108 bytes, NUL included.
 pub const MAX_UDS_PATH_LEN: usize = 107;
@@ -27,10 +30,6 @@ pub struct VsockConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VsockConfigError {
-    #[error(
-        "guest_cid {0} is reserved: CIDs 0-2 belong to the hypervisor, loopback and host; use 3 or more"
-    )]
-    GuestCid(u32),
     #[error("uds_path {0}")]
     UdsPath(&'static str),
     #[error("uds_path is {0} bytes long: a Unix socket path holds at most {MAX_UDS_PATH_LEN}")]
@@ -46,9 +45,6 @@ pub enum VsockConfigError {
 impl VsockConfig {
     /// What can be checked without touching the host.
     pub fn validate(&self) -> Result<(), VsockConfigError> {
-        if self.guest_cid < MIN_GUEST_CID {
-            return Err(VsockConfigError::GuestCid(self.guest_cid));
-        }
         if let Some(p) = super::path_problem(&self.uds_path) {
             return Err(VsockConfigError::UdsPath(p));
         }
@@ -56,6 +52,16 @@ impl VsockConfig {
             return Err(VsockConfigError::UdsPathTooLong(self.uds_path.len()));
         }
         Ok(())
+    }
+
+    /// The warning for a CID below 3 (see [`MIN_GUEST_CID`]), if this one is.
+    pub fn reserved_cid_warning(&self) -> Option<String> {
+        (self.guest_cid < MIN_GUEST_CID).then(|| {
+            format!(
+                "vsock: guest_cid {} is a reserved CID (0-2: hypervisor, loopback, host); accepted as Firecracker does, but a guest should get 3 or more",
+                self.guest_cid
+            )
+        })
     }
 
     /// The host side of the check: nothing at `uds_path`, or a stale socket ember may
@@ -105,15 +111,19 @@ mod tests {
         let c = parse(r#"{"vsock_id": "vsock0", "guest_cid": 52, "uds_path": "/v"}"#).unwrap();
         assert_eq!(c.vsock_id.as_deref(), Some("vsock0"));
         let long = format!(r#"{{"guest_cid": 3, "uds_path": "/{}"}}"#, "a".repeat(107));
+        // Reserved CIDs are accepted, with a warning, as Firecracker accepts them
+        // (firecracker-containerd sends 0).
+        for cid in [0, 2] {
+            let c = parse(&format!(r#"{{"guest_cid": {cid}, "uds_path": "/v"}}"#)).unwrap();
+            assert!(c.reserved_cid_warning().unwrap().contains("reserved"));
+        }
+        assert!(
+            parse(r#"{"guest_cid": 3, "uds_path": "/v"}"#)
+                .unwrap()
+                .reserved_cid_warning()
+                .is_none()
+        );
         for (json, want) in [
-            (
-                r#"{"guest_cid": 2, "uds_path": "/v"}"#,
-                "guest_cid 2 is reserved",
-            ),
-            (
-                r#"{"guest_cid": 0, "uds_path": "/v"}"#,
-                "guest_cid 0 is reserved",
-            ),
             (r#"{"guest_cid": -1, "uds_path": "/v"}"#, "invalid value"),
             (
                 r#"{"guest_cid": 3, "uds_path": ""}"#,

@@ -368,6 +368,9 @@ impl DeviceManager {
     /// The vsock device, after the network interfaces. Binds `uds_path` now, so a path
     /// that cannot be used fails the build before the guest runs.
     pub fn add_vsock(&mut self, config: &VsockConfig) -> Result<(), DeviceError> {
+        if let Some(w) = config.reserved_cid_warning() {
+            log::warn!("{w}");
+        }
         let dev = Vsock::new(config.guest_cid, &config.uds_path).map_err(|source| {
             VirtioError::Vsock {
                 path: config.uds_path.clone(),

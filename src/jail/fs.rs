@@ -132,10 +132,12 @@ fn remove_stale_dev(dir: &Path) -> Result<(), JailError> {
     }
 }
 
-/// What ember made in an engine's jail: the device nodes, the pid file and the lock; the
-/// root and the rest are the engine's to remove (they may be bind mounts of its files).
-pub(super) fn remove_own_files(dir: &Path) {
+/// What ember made in an engine's jail: the device nodes, the pid files (`ember.pid` and
+/// the jailer's `root/<exec name>.pid`) and the lock; the root and the rest are the
+/// engine's to remove (they may be bind mounts of its files).
+pub(super) fn remove_own_files(dir: &Path, exec_name: &str) {
     let _ = std::fs::remove_dir_all(dir.join("root/dev"));
+    let _ = std::fs::remove_file(dir.join("root").join(format!("{exec_name}.pid")));
     for f in ["ember.pid", ".lock"] {
         let _ = std::fs::remove_file(dir.join(f));
     }

@@ -20,7 +20,10 @@
 //! its last process is gone, and the jailed VMM can no longer see (nor has the rights to
 //! remove) `<base>/ember/<id>`. The child becomes the VMM; with `--new-pid-ns` it is PID 1
 //! of a new PID namespace. With `--daemonize` one more fork lets the command return once
-//! the VMM is jailed (exit 0) or with the jail's error code.
+//! the VMM is jailed (exit 0) or with the jail's error code; the jailer command line does
+//! the same with `--new-pid-ns`, as Firecracker's jailer exits once it has started the VMM
+//! in the new namespace. Either way the VMM's host pid is in `root/<exec name>.pid`, where
+//! Firecracker's jailer writes it.
 //!
 //! Exit codes: validation errors (bad flag, invalid id, jail in use, base dir not
 //! writable, missing uid/gid, unusable netns) exit with 153 (`ARG_PARSING`), as every other
@@ -463,7 +466,7 @@ impl Jail {
         self.armed = false;
         self.cgroup.remove();
         if self.args.engine_root {
-            fs::remove_own_files(&self.dir);
+            fs::remove_own_files(&self.dir, &self.args.exec_name);
         } else {
             fs::remove_jail_dir(&self.dir);
         }

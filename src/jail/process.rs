@@ -140,9 +140,17 @@ pub(super) fn enter(jail: &mut Jail, keep_fds: &[RawFd]) -> Result<JailGuard, Ja
 
     // --daemonize: the command returns once the VMM is jailed (exit 0), or with the
     // supervisor's exit code if jailing fails (the VMM's error reaches the terminal
-    // first: stdio moves to /dev/null only once the jail is complete).
+    // first: stdio moves to /dev/null only once the jail is complete). Firecracker's
+    // jailer with --new-pid-ns returns at once too (it exits after cloning the VMM into
+    // the new namespace; engines then find the VMM through `<exec>.pid`), so the jailer
+    // command line does the same there, keeping stdio and the session.
+    let detach = daemonize || (jail.args.new_pid_ns && jail.args.engine_root);
+    // As Firecracker's jailer does: a session leader's exit would send SIGHUP to its
+    // session, so the process left behind starts its own.
+    // SAFETY: getsid(0) and getpid have no preconditions.
+    let session_leader = unsafe { libc::getsid(0) == libc::getpid() };
     let mut ready = None;
-    if daemonize {
+    if detach {
         let (r, w) = pipe()?;
         match fork()? {
             Fork::Parent(supervisor) => {
@@ -163,7 +171,7 @@ pub(super) fn enter(jail: &mut Jail, keep_fds: &[RawFd]) -> Result<JailGuard, Ja
                 drop(r);
                 // SAFETY: setsid has no preconditions; the child of a fork is never a
                 // process group leader, so it succeeds.
-                if unsafe { libc::setsid() } < 0 {
+                if (daemonize || session_leader) && unsafe { libc::setsid() } < 0 {
                     return Err(os_err("setsid"));
                 }
                 ready = Some(w);
@@ -270,6 +278,7 @@ fn become_vmm(
     keep.extend(ready.as_ref().map(|r| r.as_raw_fd()));
     keep.extend(null.as_ref().map(|n| n.as_raw_fd()));
     close_other_fds(&keep)?;
+    write_exec_pid_file(jail)?;
 
     fs::pivot_into(&jail.root)?;
     drop_privileges(args.uid, args.gid)?;
@@ -309,6 +318,24 @@ fn become_vmm(
         files: std::mem::take(&mut jail.files),
         _lock: lock,
     })
+}
+
+/// `<root>/<exec name>.pid`, as Firecracker's jailer writes it (the pid alone, no newline):
+/// the VMM's pid as the host sees it, also in a new PID namespace, where getpid says 1.
+/// The host's /proc is still mounted here and answers in its own namespace. Written before
+/// the VMM reports itself jailed, so a caller that returns with --daemonize or
+/// --new-pid-ns finds it.
+fn write_exec_pid_file(jail: &Jail) -> Result<(), JailError> {
+    let pid = std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str().and_then(|s| s.parse::<u32>().ok()))
+        // SAFETY: getpid has no preconditions.
+        .unwrap_or_else(|| unsafe { libc::getpid() }.unsigned_abs());
+    let path = jail.root.join(format!("{}.pid", jail.args.exec_name));
+    // A stale file from an earlier VMM of this jail (the lock says none is running).
+    let _ = std::fs::remove_file(&path);
+    std::fs::write(&path, pid.to_string())
+        .map_err(JailError::setup(format!("write {}", path.display())))
 }
 
 fn set_rlimits(limits: &super::ResourceLimits) -> Result<(), JailError> {

@@ -112,6 +112,12 @@ const char *cmdline_find(const char *cmdline, const char *from, const char *key)
 /* Parses an unsigned number (0x.. hex or decimal) and returns the end pointer. */
 const char *parse_u64(const char *s, uint64_t *out);
 
+/* main.c: Ctrl-Alt-Del as Firecracker's SendCtrlAltDel injects it, for the loops that
+ * never return (counter, vsock). `matched` starts at 0; on the whole sequence these print
+ * `ctrl-alt-del: received` and reset. */
+void i8042_feed(unsigned *matched, uint8_t b);
+void i8042_poll(unsigned *matched);
+
 /* virtio.c: runs the per-device test on every virtio-mmio device of the given ID
  * announced on the command line (`virtio_mmio.device=<size>@<base>:<irq>`). */
 void virtio_test_all(const char *cmdline, uint32_t device_id);

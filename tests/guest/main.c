@@ -360,13 +360,35 @@ static void triple_fault(void)
 #define I8042_STATUS 0x64
 #define I8042_STATUS_OBF 0x01
 
+/* Feeds one i8042 byte to the matcher of the set-2 make codes Firecracker's
+ * SendCtrlAltDel injects (Ctrl, Alt, E0-prefixed Del); on the whole sequence it prints
+ * `ctrl-alt-del: received` and resets. */
+void i8042_feed(unsigned *matched, uint8_t b)
+{
+	static const uint8_t cad[] = {0x14, 0x11, 0xe0, 0x71};
+	if (b == cad[*matched])
+		(*matched)++;
+	else
+		*matched = b == cad[0] ? 1 : 0;
+	if (*matched == sizeof(cad)) {
+		puts_serial("ctrl-alt-del: received\n");
+		reset_machine();
+	}
+}
+
+/* One poll of the i8042 (a VM exit, so callers poll about once a millisecond): feeds the
+ * byte waiting, if any, to `i8042_feed`. */
+void i8042_poll(unsigned *matched)
+{
+	if (inb(I8042_STATUS) & I8042_STATUS_OBF)
+		i8042_feed(matched, inb(I8042_DATA));
+}
+
 /* Never returns: ticks every ~50 ms and echoes i8042 bytes until Ctrl-Alt-Del. */
 static void counter_loop(void) __attribute__((noreturn));
 static void counter_loop(void)
 {
-	/* Set-2 make codes Firecracker's SendCtrlAltDel injects: Ctrl, Alt, E0-prefixed Del. */
-	static const uint8_t cad[] = {0x14, 0x11, 0xe0, 0x71};
-	size_t matched = 0;
+	unsigned matched = 0;
 	uint64_t hz = tsc_hz();
 	uint64_t interval = hz / 20, poll = hz / 1000;
 	uint64_t next = rdtsc();
@@ -378,18 +400,12 @@ static void counter_loop(void)
 			if (next < now)
 				next = now + interval;
 		}
-		/* Each port read is a VM exit: poll about once a millisecond, not flat out. */
+		/* Each port read is a VM exit: poll about once a millisecond, not flat out. The
+		 * byte is printed before the matcher may reset on the last one of the sequence. */
 		if (inb(I8042_STATUS) & I8042_STATUS_OBF) {
 			uint8_t b = inb(I8042_DATA);
 			kprintf("i8042: 0x%02x\n", b);
-			if (b == cad[matched])
-				matched++;
-			else
-				matched = b == cad[0] ? 1 : 0;
-			if (matched == sizeof(cad)) {
-				puts_serial("ctrl-alt-del: received\n");
-				reset_machine();
-			}
+			i8042_feed(&matched, b);
 			continue;
 		}
 		uint64_t until = rdtsc() + poll;

@@ -69,6 +69,10 @@ static uint16_t tx_free[TX_HEADS] NOINIT;
 static unsigned tx_nfree;
 static uint64_t guest_cid;
 static uint64_t source_bytes;
+/* `vsock.echo=<port>` words: more echo ports, where an engine's agent listens. */
+#define MAX_EXTRA_ECHO 8
+static uint32_t extra_echo[MAX_EXTRA_ECHO];
+static unsigned nextra_echo;
 static int tx_dirty, rx_dirty;
 static uint16_t source_list[NCONN] NOINIT; /* conns with bytes to source */
 static unsigned nsource;
@@ -298,8 +302,14 @@ static void accept_request(const struct hdr *h)
 	case PORT_NOREAD: kind = K_NOREAD; break;
 	case PORT_RSTNOW: kind = K_ECHO; break;
 	default:
-		send_rst_to(h->dst_port, h->src_port);
-		return;
+		kind = -1;
+		for (unsigned i = 0; i < nextra_echo; i++)
+			if (h->dst_port == extra_echo[i])
+				kind = K_ECHO;
+		if (kind < 0) {
+			send_rst_to(h->dst_port, h->src_port);
+			return;
+		}
 	}
 	struct conn *c = alloc(h->dst_port, h->src_port);
 	if (!c) {
@@ -420,6 +430,13 @@ void vsock_run(uint64_t base, const char *cmdline)
 		parse_u64(v, &source_bytes);
 		source_bytes <<= 20;
 	}
+	nextra_echo = 0;
+	for (const char *e = NULL; nextra_echo < MAX_EXTRA_ECHO &&
+				   (e = cmdline_find(cmdline, e, "vsock.echo=")) != NULL;) {
+		uint64_t port;
+		parse_u64(e, &port);
+		extra_echo[nextra_echo++] = (uint32_t)port;
+	}
 	nsource = 0;
 	nparked = 0;
 	tx_nfree = 0;
@@ -446,7 +463,15 @@ void vsock_run(uint64_t base, const char *cmdline)
 	}
 	puts_serial("vsock: ready\n");
 
+	/* SendCtrlAltDel ends the VM as in counter mode; the i8042 is polled about once a
+	 * millisecond (each poll is a VM exit), so the loop costs one rdtsc more per pass. */
+	unsigned cad = 0;
+	uint64_t poll = tsc_hz() / 1000, next_poll = rdtsc() + poll;
 	for (;;) {
+		if (rdtsc() >= next_poll) {
+			i8042_poll(&cad);
+			next_poll = rdtsc() + poll;
+		}
 		uint16_t idx = vq_used_idx(&rxq);
 		while (rxq.last_used != idx) {
 			const volatile struct vring_used_elem *e = &rxq.used->ring[rxq.last_used & (QSIZE - 1)];
