@@ -155,7 +155,17 @@ fn parse_args() -> Result<cli::Args, StartError> {
     let argv0 = argv.first().map(String::as_str).unwrap_or("ember");
     let rest = argv.get(1..).unwrap_or_default();
     Ok(match cli::jailer_invocation(argv0, rest) {
-        Some(jailer_args) => cli::parse_jailer(jailer_args)?,
+        Some(jailer_args) => {
+            let mut args = cli::parse_jailer(jailer_args)?;
+            // Firecracker's jailer appends its own start (`--start-time-us`, and the CPU
+            // times) to the VMM's flags, so the VMM's start-up metrics count from the
+            // jailer's start. Here ember is that jailer: its start counts, unless the
+            // engine passed the flags itself. The CPU clock restarts in the forked VMM,
+            // so the CPU figure counts the VMM's own time from its fork.
+            args.start_time_us.get_or_insert_with(metrics::monotonic_us);
+            args.start_time_cpu_us.get_or_insert(0);
+            args
+        }
         None => cli::parse(rest.iter().cloned())?,
     })
 }

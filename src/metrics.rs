@@ -197,6 +197,11 @@ fn clock_us(clock: libc::clockid_t) -> u64 {
         .saturating_add(ts.tv_nsec as u64 / 1000)
 }
 
+/// CLOCK_MONOTONIC now, in µs (the clock of `--start-time-us`).
+pub fn monotonic_us() -> u64 {
+    clock_us(libc::CLOCK_MONOTONIC)
+}
+
 /// Records Firecracker's `process_startup_time_us` and `process_startup_time_cpu_us`:
 /// called once the API is ready (or, without the API, once the VM is configured).
 pub fn report_start_times(t: &StartTimes) {

@@ -351,6 +351,15 @@ fn kata_go_runtime_jailed() {
             .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .is_some_and(|v| v["uart"]["out_bytes"].as_u64().unwrap_or(0) > 0)
     }));
+    // Start-up is timed from the jailer's start, as Firecracker's jailer passes it on.
+    let last = metrics_reader.lines().last().cloned().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert!(
+        v["api_server"]["process_startup_time_us"]
+            .as_u64()
+            .is_some_and(|t| t > 0),
+        "{last}"
+    );
     let hvsock = root.join("kata.hvsock");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&hvsock, std::fs::Permissions::from_mode(0o640))
