@@ -46,6 +46,9 @@ pub const ROUTES: &[Route] = &[
     r("PUT", "/logger", put_logger),
     r("PUT", "/metrics", put_metrics),
     r("PUT", "/vsock", put_vsock),
+    // Firecracker routes PUT by the first path segment only: clients that name the
+    // (deprecated) device id in the path, `/vsock/vsock0`, reach the same handler.
+    r("PUT", "/vsock/{vsock_id}", put_vsock),
     r("PUT", "/actions", put_actions),
     r("PATCH", "/vm", patch_vm),
     r("GET", "/mmds", |_, _| Ok(Action::GetMmds)),
@@ -109,7 +112,10 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Action, ActionErro
             continue;
         };
         if r.method != method {
-            allowed.push(r.method);
+            // `/vsock` matches both its routes (an empty id for the second).
+            if !allowed.contains(&r.method) {
+                allowed.push(r.method);
+            }
             continue;
         }
         check_body_presence(method, body)?;
@@ -506,6 +512,10 @@ mod tests {
         assert!(matches!(ok("PUT", "/vsock", body), Action::PutVsock(v) if v.guest_cid == 3));
         assert!(err("PUT", "/vsock", r#"{"guest_cid": 3}"#).contains("uds_path"));
         assert!(err("GET", "/vsock", "").ends_with("Allowed methods: PUT."));
+        // The id form older clients use (bandsox): the path id is ignored, as in Firecracker.
+        assert!(
+            matches!(ok("PUT", "/vsock/vsock0", body), Action::PutVsock(v) if v.uds_path == "/v.sock")
+        );
     }
 
     #[test]
