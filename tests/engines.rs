@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -39,6 +40,20 @@ fn state(sock: &Path) -> Option<String> {
 const KATA_AGENT_PORT: u32 = 1024;
 /// firecracker-containerd's agent port (`defaultVsockPort`).
 const FCCTR_AGENT_PORT: u32 = 10789;
+
+/// Collects a child's stdout lines on a thread, so a test can look at them without
+/// blocking while the guest is quiet (paused).
+fn collect_lines(out: std::process::ChildStdout) -> Arc<Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(l);
+        }
+    });
+    lines
+}
 
 /// One line from the hybrid vsock socket, byte by byte (nothing after it is consumed).
 fn read_reply(s: &mut UnixStream) -> String {
@@ -705,8 +720,10 @@ fn jailer_new_pid_ns_returns_and_names_the_vmm() {
 /// /machine-config until it answers, PUT /logger and /metrics on FIFOs the SDK made and
 /// reads from later, /machine-config, /boot-source, /drives/{id},
 /// /network-interfaces/{id}, /vsock, /mmds/config, InstanceStart, then PUT /mmds (its
-/// metadata); its vsock dial (`CONNECT 1024\n`, the reply must start with `OK `);
-/// FlushMetrics (the metrics it reads), GET /vm/config, SendCtrlAltDel.
+/// metadata); the balloon as `CreateBalloon` puts it (right after the machine config) and
+/// `UpdateBalloon` / `GetBalloonConfig` change and read it; its vsock dial (`CONNECT
+/// 1024\n`, the reply must start with `OK `); FlushMetrics (the metrics it reads), GET
+/// /vm/config, SendCtrlAltDel.
 #[test]
 fn go_sdk_default_chain() {
     let dir = TempDir::new("gosdk");
@@ -771,6 +788,12 @@ fn go_sdk_default_chain() {
     http_ok(
         &sock,
         "PUT",
+        "/balloon",
+        Some(r#"{"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_s": 0}"#),
+    );
+    http_ok(
+        &sock,
+        "PUT",
         "/boot-source",
         Some(&guest_boot_source("vsock")),
     );
@@ -828,6 +851,11 @@ fn go_sdk_default_chain() {
         T,
     );
     agent_round_trip(&conn, "go-sdk");
+    http_ok(&sock, "PATCH", "/balloon", Some(r#"{"amount_mib": 16}"#));
+    let balloon: serde_json::Value =
+        serde_json::from_str(&http_ok(&sock, "GET", "/balloon", None)).unwrap();
+    assert_eq!(balloon["amount_mib"], 16, "{balloon}");
+    assert_eq!(balloon["deflate_on_oom"], true, "{balloon}");
     let stored: serde_json::Value =
         serde_json::from_str(&http_ok(&sock, "GET", "/mmds", None)).unwrap();
     assert_eq!(stored["latest"]["meta-data"]["instance-id"], "sdk-vm-1");
@@ -894,6 +922,100 @@ fn go_sdk_default_chain() {
         .args(["link", "del", &tap])
         .stderr(Stdio::null())
         .status();
+}
+
+/// The Go SDK's snapshot calls: `PauseVM` (PATCH /vm), `CreateSnapshot` (PUT
+/// /snapshot/create with `mem_file_path` and `snapshot_path`, the type left to its
+/// default), the VMM stopped; then a new VMM started as the SDK starts one (`--api-sock S
+/// --id VMID`, GET /machine-config until it answers) and its snapshot handler chain: PUT
+/// /snapshot/load with the File memory backend and `resume_vm` (false fields are omitted
+/// by the SDK's models). The guest goes on counting from where it was.
+#[test]
+fn go_sdk_snapshot_round_trip() {
+    let dir = TempDir::new("gosdksnap");
+    let start = |name: &str| {
+        let sock = dir.path(&format!("{name}.sock"));
+        let child = Command::new(EMBER)
+            .args(["--api-sock", sock.to_str().unwrap(), "--id", name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(wait_for(T, Duration::from_millis(10), || {
+            http(&sock, "GET", "/machine-config", None).is_some_and(|(s, _)| s == 200)
+        }));
+        (child, sock)
+    };
+    let tick = |l: &str| -> Option<u64> { l.strip_prefix("tick ")?.parse().ok() };
+    let (mut first, sock) = start("sdk-snap-1");
+    http_ok(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64, "smt": false}"#),
+    );
+    http_ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(&guest_boot_source("counter")),
+    );
+    http_ok(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    let lines = collect_lines(first.stdout.take().unwrap());
+    let last_tick = |lines: &Arc<Mutex<Vec<String>>>| {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| tick(l))
+            .next_back()
+    };
+    assert!(wait_for(T, Duration::from_millis(10), || last_tick(&lines)
+        .is_some_and(|n| n >= 3)));
+    http_ok(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    let (state_file, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    http_ok(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&format!(
+            r#"{{"mem_file_path": "{}", "snapshot_path": "{}"}}"#,
+            mem.display(),
+            state_file.display()
+        )),
+    );
+    // The last tick the guest printed before the pause (its serial line is out by now).
+    std::thread::sleep(Duration::from_millis(300));
+    let last = last_tick(&lines).unwrap();
+    send_signal(&first, libc::SIGTERM);
+    assert_eq!(exit_code(&mut first, T), Some(143));
+
+    let (mut second, sock) = start("sdk-snap-2");
+    http_ok(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+            state_file.display(),
+            mem.display()
+        )),
+    );
+    assert_eq!(state(&sock).as_deref(), Some("Running"));
+    let mut out = std::io::BufReader::new(second.stdout.take().unwrap());
+    let next = read_until(&mut out, T, |l| tick(l).is_some()).expect("ticks after the load");
+    assert!(
+        tick(&next).is_some_and(|n| n > last && n <= last + 3),
+        "the restored guest printed `{next}` after `tick {last}`"
+    );
+    send_signal(&second, libc::SIGTERM);
+    assert_eq!(exit_code(&mut second, T), Some(143));
 }
 
 /// firecracker-containerd: `--api-sock REL --id VMID` (relative paths: the VMM runs in
