@@ -6,7 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -27,11 +27,7 @@ impl Ember {
         let mut args = vec!["--api-sock", sock.to_str().unwrap()];
         args.extend_from_slice(extra);
         let child = spawn(&args);
-        let start = Instant::now();
-        while UnixStream::connect(&sock).is_err() {
-            assert!(start.elapsed() < T, "API socket never came up");
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        wait_for_socket(&sock, T);
         Ember {
             child,
             sock,
@@ -66,28 +62,6 @@ impl Drop for Ember {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// One request with curl; returns (status, body).
-fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut c = Command::new("curl");
-    c.args([
-        "-s",
-        "-S",
-        "--unix-socket",
-        sock.to_str().unwrap(),
-        "-X",
-        method,
-    ]);
-    c.args(["-w", "\n%{http_code}"]);
-    if let Some(b) = body {
-        c.args(["-H", "Content-Type: application/json", "-d", b]);
-    }
-    c.arg(format!("http://localhost{path}"));
-    let out = c.stdin(Stdio::null()).output().expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
 /// A minimal HTTP/1.1 client over one keep-alive connection (the Rust client).

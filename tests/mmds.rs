@@ -7,12 +7,10 @@ mod common;
 
 use std::io::BufReader;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -187,35 +185,6 @@ fn is_ipv4_to(f: &[u8], ip: [u8; 4]) -> bool {
     f.len() >= 34 && f[12..14] == [8, 0] && f[30..34] == ip
 }
 
-fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut c = Command::new("curl");
-    c.args([
-        "-s",
-        "-S",
-        "--unix-socket",
-        sock.to_str().unwrap(),
-        "-X",
-        method,
-    ]);
-    c.args(["-w", "\n%{http_code}"]);
-    if let Some(b) = body {
-        c.args(["-H", "Content-Type: application/json", "-d", b]);
-    }
-    c.arg(format!("http://localhost{path}"));
-    let out = c.stdin(Stdio::null()).output().expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
-fn wait_for_socket(sock: &Path) {
-    let start = Instant::now();
-    while UnixStream::connect(sock).is_err() {
-        assert!(start.elapsed() < T, "API socket never came up");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 fn iface(id: &str, tap: &str) -> String {
     format!(r#"{{"iface_id": "{id}", "host_dev_name": "{tap}"}}"#)
 }
@@ -268,7 +237,7 @@ fn v1_listings_json_patch_and_other_traffic() {
         waiting.is_some(),
         "guest never waited for the patch: {seen:#?}"
     );
-    wait_for_socket(&sock);
+    wait_for_socket(&sock, T);
     let patch = r#"{"latest": {"meta-data": {"patched": "yes"}}}"#;
     assert_eq!(curl(&sock, "PATCH", "/mmds", Some(patch)).0, 204);
     let rest = {
@@ -396,7 +365,7 @@ fn api_store_config_and_limits() {
         "--mmds-size-limit",
         "100",
     ]);
-    wait_for_socket(&sock);
+    wait_for_socket(&sock, T);
     assert_eq!(curl(&sock, "GET", "/mmds", None), (200, "null".into()));
     let (s, b) = curl(&sock, "PATCH", "/mmds", Some(r#"{"a": "b"}"#));
     assert_eq!(s, 400, "{b}");

@@ -5,36 +5,12 @@
 mod common;
 
 use std::io::BufReader;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const T: Duration = Duration::from_secs(120);
-
-/// One request with curl over the API socket; returns (status, body).
-fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut c = Command::new("curl");
-    c.args([
-        "-s",
-        "-S",
-        "--unix-socket",
-        sock.to_str().unwrap(),
-        "-X",
-        method,
-    ]);
-    c.args(["-w", "\n%{http_code}"]);
-    if let Some(b) = body {
-        c.args(["-H", "Content-Type: application/json", "-d", b]);
-    }
-    c.arg(format!("http://localhost{path}"));
-    let out = c.stdin(Stdio::null()).output().expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
 
 /// Resident memory of `pid`, in KiB.
 fn rss_kib(pid: u32) -> u64 {
@@ -128,11 +104,7 @@ fn start_with_config(cfg: &str) -> Ember {
         "--config-file",
         path.to_str().unwrap(),
     ]);
-    let start = Instant::now();
-    while UnixStream::connect(&sock).is_err() {
-        assert!(start.elapsed() < T, "API socket never came up");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_socket(&sock, T);
     Ember {
         child,
         sock,
@@ -254,11 +226,7 @@ fn balloon_api_before_start() {
     let dir = TempDir::new("balloon-api");
     let sock = dir.path("api.sock");
     let mut child = spawn(&["--api-sock", sock.to_str().unwrap()]);
-    let start = Instant::now();
-    while UnixStream::connect(&sock).is_err() {
-        assert!(start.elapsed() < T, "API socket never came up");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_socket(&sock, T);
     let (s, b) = curl(&sock, "GET", "/balloon", None);
     assert_eq!(
         (s, b.contains("No balloon device found.")),

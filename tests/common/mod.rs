@@ -195,6 +195,39 @@ pub fn http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Option
     Some((status, body))
 }
 
+/// One request with curl over the API socket (a real client, as users and scripts drive
+/// ember); returns (status, body). The status is 0 when curl got no answer.
+pub fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut c = Command::new("curl");
+    c.args([
+        "-s",
+        "-S",
+        "--unix-socket",
+        sock.to_str().expect("socket path"),
+        "-X",
+        method,
+    ]);
+    c.args(["-w", "\n%{http_code}"]);
+    if let Some(b) = body {
+        c.args(["-H", "Content-Type: application/json", "-d", b]);
+    }
+    c.arg(format!("http://localhost{path}"));
+    let out = c.stdin(Stdio::null()).output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// Waits until the API socket accepts a connection (the file appears at bind(), a moment
+/// before listen()); panics after `timeout`.
+pub fn wait_for_socket(sock: &Path, timeout: Duration) {
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(start.elapsed() < timeout, "API socket never came up");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Like `http`, for a request that must succeed (2xx): returns the body.
 pub fn http_ok(sock: &Path, method: &str, path: &str, body: Option<&str>) -> String {
     match http(sock, method, path, body) {
