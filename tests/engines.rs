@@ -183,7 +183,8 @@ fn exit_code(child: &mut std::process::Child, timeout: Duration) -> Option<i32> 
 /// (`vsock_id` "root", CID 3, `kata.hvsock`); GET / every 10 ms until Running; chmod 0640
 /// of the hybrid socket (Kata fails the start if it is missing); the agent dialled with
 /// `CONNECT 1024\n` (any reply containing `OK`); PATCH /drives to hot-swap a placeholder;
-/// SIGTERM to stop. Left out: rate-limited network interfaces (a TAP per test).
+/// SIGTERM to stop. Its network interface carries both rate limiters always: empty (`{}`)
+/// when unlimited, a bandwidth bucket refilled every 1000 ms when limited.
 #[test]
 fn kata_go_runtime() {
     kata_version_gate(EMBER);
@@ -209,6 +210,7 @@ fn kata_go_runtime() {
         ));
     }
     let hvsock = dir.path("kata.hvsock");
+    let tap = format!("tkg{}", std::process::id() % 100_000);
     let cfg = dir.path("fcConfig.json");
     std::fs::write(
         &cfg,
@@ -218,7 +220,10 @@ fn kata_go_runtime() {
                 "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128, "smt": false}},
                 "logger": {{"level": "Debug", "log_path": "{}"}},
                 "metrics": {{"metrics_path": "{}"}},
-                "network-interfaces": [],
+                "network-interfaces": [{{"iface_id": "eth0", "guest_mac": "02:00:00:00:00:03",
+                    "host_dev_name": "{tap}",
+                    "rx_rate_limiter": {{"bandwidth": {{"refill_time": 1000, "size": 1310720}}}},
+                    "tx_rate_limiter": {{}}}}],
                 "vsock": {{"guest_cid": 3, "uds_path": "{}", "vsock_id": "root"}}}}"#,
             guest_boot_source("vsock"),
             drives.join(","),
@@ -272,9 +277,21 @@ fn kata_go_runtime() {
         .lines()
         .is_empty()));
     agent_round_trip(&agent, "kata-go after the swap");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&http_ok(&sock, "GET", "/vm/config", None)).unwrap();
+    let eth0 = &cfg["network-interfaces"][0];
+    assert_eq!(
+        eth0["rx_rate_limiter"]["bandwidth"]["size"], 1310720,
+        "{cfg}"
+    );
     send_signal(&child, libc::SIGTERM);
     assert_eq!(exit_code(&mut child, T), Some(143));
     assert!(!sock.exists(), "socket left behind");
+    // ember removes a TAP it created; this is for a run that failed before that.
+    let _ = Command::new("ip")
+        .args(["link", "del", &tap])
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Kata, Go runtime, with the jailer: `jailer --id ID --node 0 --exec-file <path> --uid 0
