@@ -44,7 +44,8 @@ Firecracker's jailer command line itself, when started as `jailer` or as `ember 
   --uid UID, --gid GID              the user and group ember drops to (required with --jail)
   --chroot-base-dir DIR             jails are built in DIR/ember/ID/root (default /srv/ember)
   --netns PATH                      join this network namespace (e.g. /var/run/netns/NAME)
-  --new-pid-ns                      run the VMM as PID 1 of a new PID namespace
+  --new-pid-ns                      run the VMM as PID 1 of a new PID namespace (jailer form: the
+                                    command returns once the VMM is jailed, as Firecracker's jailer)
   --cgroup-version 1|2              cgroup version for --cgroup (default 1)
   --cgroup FILE=VALUE               write VALUE to the instance cgroup's FILE (repeatable)
   --parent-cgroup NAME              parent of the instance cgroup (default ember)
