@@ -44,7 +44,8 @@ pub struct GuestRegionUffdMapping {
     pub size: usize,
     pub offset: u64,
     pub page_size: usize,
-    /// Deprecated in Firecracker, still sent.
+    /// Deprecated in Firecracker and, despite its name, the page size in bytes: that is
+    /// what Firecracker sends in it, and what existing handlers read.
     pub page_size_kib: usize,
 }
 
@@ -106,7 +107,7 @@ pub fn connect(
             size: r.size as usize,
             offset: r.file_offset,
             page_size,
-            page_size_kib: page_size / 1024,
+            page_size_kib: page_size,
         });
     }
     let body = serde_json::to_vec(&mappings).map_err(|e| e.to_string())?;
