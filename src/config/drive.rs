@@ -16,13 +16,15 @@ pub enum CacheType {
     Writeback,
 }
 
-/// Firecracker's `io_engine`. `Async` (io_uring in Firecracker) is accepted and served by
-/// the synchronous engine until ember has an io_uring one: the guest sees the same device.
+/// Firecracker's `io_engine`: how the drive's requests reach its file. The guest sees the
+/// same device either way.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IoEngine {
+    /// pread/pwrite/fdatasync on the VMM thread, one request at a time.
     #[default]
     Sync,
-    /// io_uring in Firecracker; served synchronously by ember (see the README).
+    /// An io_uring per drive: requests run concurrently and complete in any order
+    /// (`src/devices/virtio/block/uring.rs`).
     Async,
 }
 
@@ -46,8 +48,10 @@ pub struct DriveConfig {
     pub path_on_host: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiterConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub io_engine: Option<IoEngine>,
+    /// Always reported (`GET /vm/config`), `Sync` when not given, as Firecracker does;
+    /// null reads as not given.
+    #[serde(default, deserialize_with = "super::null_as_default")]
+    pub io_engine: IoEngine,
     #[serde(default, skip_serializing_if = "UnsupportedValue::is_unset")]
     pub socket: UnsupportedValue,
 }
@@ -216,7 +220,7 @@ mod tests {
         let d = drive("rootfs", true);
         assert_eq!(d.cache_type, CacheType::Unsafe);
         assert!(!d.is_read_only);
-        assert_eq!(d.io_engine, None);
+        assert_eq!(d.io_engine, IoEngine::Sync);
         let d = parse(
             r#"{"drive_id": "data_1", "partuuid": "0eaa91a0-01", "is_root_device": true,
                 "cache_type": "Writeback", "is_read_only": true, "path_on_host": "/d.img",
@@ -226,11 +230,23 @@ mod tests {
         assert_eq!(d.cache_type, CacheType::Writeback);
         assert!(d.is_read_only);
         assert_eq!(d.partuuid.as_deref(), Some("0eaa91a0-01"));
-        assert_eq!(d.io_engine, Some(IoEngine::Sync));
-        // Async is accepted (served by the synchronous engine; README).
+        assert_eq!(d.io_engine, IoEngine::Sync);
+        let d = parse(r#"{"drive_id": "a", "path_on_host": "/a", "is_root_device": false, "io_engine": null}"#)
+            .unwrap();
+        assert_eq!(d.io_engine, IoEngine::Sync);
         let d = parse(r#"{"drive_id": "a", "path_on_host": "/a", "is_root_device": false, "io_engine": "Async"}"#)
             .unwrap();
-        assert_eq!(d.io_engine, Some(IoEngine::Async));
+        assert_eq!(d.io_engine, IoEngine::Async);
+        assert!(
+            serde_json::to_string(&d)
+                .unwrap()
+                .contains(r#""io_engine":"Async""#)
+        );
+        assert!(
+            serde_json::to_string(&drive("b", false))
+                .unwrap()
+                .contains(r#""io_engine":"Sync""#)
+        );
         // An empty rate limiter limits nothing, as in Firecracker.
         assert!(
             parse(

@@ -297,19 +297,25 @@ impl MmioTransport {
     }
 
     /// Completes every request the driver made available, so that a snapshot holds no
-    /// request in flight (virtio-blk requests complete synchronously, so one pass over
-    /// each queue leaves none behind).
+    /// request in flight: each queue is served until it is empty, then what the device
+    /// still has in flight on the host (virtio-blk's Async engine) is waited for and
+    /// answered; requests that waited for room in the engine are served in another round.
     /// Only for devices that never change what the event loop watches while serving a
     /// queue (virtio-blk): `interest` is not the event loop's.
     pub fn drain_queues(&mut self, interest: &mut dyn Interest) {
-        for index in 0..self.queues.len() {
-            let _ = self.queue_evts.get(index).map(|e| e.read());
-            self.process_queue(index, interest);
-            // A capped drain re-kicked the queue: keep going until it is empty.
-            let mut rounds = 0;
-            while rounds < 64 && self.queue_evts.get(index).is_some_and(|e| e.read().is_ok()) {
+        for _ in 0..64 {
+            for index in 0..self.queues.len() {
+                let _ = self.queue_evts.get(index).map(|e| e.read());
                 self.process_queue(index, interest);
-                rounds += 1;
+                // A capped drain re-kicked the queue: keep going until it is empty.
+                let mut rounds = 0;
+                while rounds < 64 && self.queue_evts.get(index).is_some_and(|e| e.read().is_ok()) {
+                    self.process_queue(index, interest);
+                    rounds += 1;
+                }
+            }
+            if !self.activated || !self.device.settle() {
+                break;
             }
         }
     }

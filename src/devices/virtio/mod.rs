@@ -54,6 +54,14 @@ pub enum VirtioError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "drive `{id}`: io_engine Async needs io_uring, and this host's kernel refused it \
+         ({source}); use io_engine Sync"
+    )]
+    IoUring {
+        id: String,
+        source: block::UringError,
+    },
     #[error("too many virtio devices: at most {max} fit in the MMIO space and IOAPIC pins")]
     TooManyDevices { max: u64 },
     #[error("cannot create a virtio eventfd: {0}")]
@@ -176,6 +184,13 @@ pub trait VirtioDevice: Send {
     /// Makes everything the device acknowledged durable (block: fdatasync).
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+    /// Completes every request the device still has in flight on the host (virtio-blk's
+    /// Async engine), so that a snapshot or a new backing file finds none. True when
+    /// requests wait on a queue for room in the engine: the caller serves the queues
+    /// again.
+    fn settle(&mut self) -> bool {
+        false
     }
     /// File descriptors besides the queue kicks the device wants watched from the start,
     /// each with the source number `process_event` will get (e.g. a wake eventfd).

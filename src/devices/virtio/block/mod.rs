@@ -2,6 +2,7 @@
 //! a [`Disk`] that parses requests and moves their bytes (see `disk.rs`).
 
 mod disk;
+mod uring;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueT};
 
 pub use disk::{BlockMetrics, CONFIG_LEN, Disk, QUEUE_SIZE, SECTOR_SHIFT, SECTOR_SIZE};
+pub use uring::UringError;
 
 use super::{ActivateError, EventSet, Interest, VirtioDevice, VirtioError, VirtioInterrupt, Work};
 use crate::config::drive::DriveConfig;
@@ -19,6 +21,8 @@ use crate::vm::memory::GuestMemory;
 
 /// Event source: the rate limiter's timer.
 const SOURCE_LIMITER: u16 = 0;
+/// Event source: the Async engine's completion eventfd.
+const SOURCE_COMPLETION: u16 = 1;
 
 struct Active {
     mem: GuestMemory,
@@ -40,6 +44,9 @@ impl Block {
         // one on at run time without new file descriptors or event-loop changes.
         disk.limiter =
             Some(RateLimiter::new(drive.rate_limiter.as_ref()).map_err(VirtioError::EventFd)?);
+        if disk.completion_fd().is_some() {
+            log::info!("drive `{}`: io_engine Async (io_uring)", drive.drive_id);
+        }
         let metrics = disk.metrics.clone();
         let key = format!("block_{}", drive.drive_id);
         crate::metrics::register_section(Box::new(move || (key.clone(), metrics.json())));
@@ -51,6 +58,13 @@ impl Block {
             config: disk.config_space(),
             disk,
             active: None,
+        }
+    }
+
+    /// Tells the driver about used entries, unless it asked not to hear of them.
+    fn notify(active: &mut Active, done: u32) {
+        if done > 0 && active.queue.needs_notification(&active.mem).unwrap_or(true) {
+            active.interrupt.signal_used_queue();
         }
     }
 }
@@ -111,34 +125,57 @@ impl VirtioDevice for Block {
             return Work::Done;
         };
         let (done, work) = self.disk.process_queue(&active.mem, &mut active.queue);
-        if done > 0 && active.queue.needs_notification(&active.mem).unwrap_or(true) {
-            active.interrupt.signal_used_queue();
-        }
+        Block::notify(active, done);
         work
     }
 
+    /// Requests in flight on the host finish first (the kernel may still be writing
+    /// into guest memory the driver is about to reuse); their answers are dropped.
     fn reset(&mut self) {
+        self.disk.abandon(self.active.as_ref().map(|a| &a.mem));
         self.active = None;
     }
 
     fn event_sources(&self) -> Vec<(RawFd, u16)> {
-        self.disk
-            .limiter
-            .as_ref()
-            .map(|l| vec![(l.fd(), SOURCE_LIMITER)])
-            .unwrap_or_default()
+        let limiter = self.disk.limiter.as_ref().map(|l| (l.fd(), SOURCE_LIMITER));
+        let completion = self.disk.completion_fd().map(|fd| (fd, SOURCE_COMPLETION));
+        limiter.into_iter().chain(completion).collect()
     }
 
-    /// The rate limiter's timer fired: serve what it held back.
+    /// The rate limiter's timer fired: serve what it held back. Or the Async engine
+    /// completed requests: answer them, and serve the chains that waited for a slot.
     fn process_event(&mut self, source: u16, _: EventSet, interest: &mut dyn Interest) -> Work {
-        if source != SOURCE_LIMITER {
-            return Work::Done;
+        match source {
+            SOURCE_LIMITER => {
+                let fired = self.disk.limiter.as_mut().is_some_and(|l| l.timer_fired());
+                if !fired {
+                    return Work::Done;
+                }
+                self.process_queue(0, interest)
+            }
+            SOURCE_COMPLETION => {
+                let Some(active) = self.active.as_mut() else {
+                    // Reset: what was in flight was waited for and dropped.
+                    self.disk.abandon(None);
+                    return Work::Done;
+                };
+                let (done, throttled) = self.disk.complete(&active.mem, &mut active.queue);
+                Block::notify(active, done);
+                // Through a re-kick, so the transport's checks (a failed or broken
+                // device) apply as to any kick.
+                if throttled { Work::More } else { Work::Done }
+            }
+            _ => Work::Done,
         }
-        let fired = self.disk.limiter.as_mut().is_some_and(|l| l.timer_fired());
-        if !fired {
-            return Work::Done;
-        }
-        self.process_queue(0, interest)
+    }
+
+    fn settle(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let (done, throttled) = self.disk.settle(&active.mem, &mut active.queue);
+        Block::notify(active, done);
+        throttled
     }
 
     fn update_rate_limiters(&mut self, update: &[Option<RateLimiterConfig>]) {
@@ -154,16 +191,24 @@ impl VirtioDevice for Block {
             .unwrap_or_default()
     }
 
+    /// Requests in flight complete first: an acknowledged write is in the file before
+    /// the fdatasync.
     fn flush(&mut self) -> std::io::Result<()> {
+        self.settle();
         self.disk.flush()
     }
 
     fn update_backing(&mut self, path: &str) -> Result<bool, String> {
         let new = Disk::reopen(&self.disk, path).map_err(|e| e.to_string())?;
-        // What the guest wrote to the old file stays there.
+        // What the guest wrote to the old file stays there, requests in flight included.
+        self.settle();
         self.disk
             .flush()
             .map_err(|e| format!("cannot flush the old backing file: {e}"))?;
+        if let Some(u) = self.disk.uring.as_mut() {
+            u.replace_file(&new.file)
+                .map_err(|e| format!("cannot give the new backing file to io_uring: {e}"))?;
+        }
         self.disk.file = new.file;
         self.disk.capacity = new.capacity;
         let config = self.disk.config_space();
