@@ -68,6 +68,8 @@ impl BuildError {
             | BuildError::Devices(DeviceError::Virtio(
                 VirtioError::OpenDisk { .. }
                 | VirtioError::DiskSize { .. }
+                // io_engine Async on a host without io_uring: the fix is `Sync`.
+                | VirtioError::IoUring { .. }
                 | VirtioError::TooManyDevices { .. }
                 | VirtioError::Tap { .. }
                 | VirtioError::Vsock { .. },

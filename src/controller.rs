@@ -310,6 +310,13 @@ impl Controller {
                 self.pre_boot()?;
                 d.validate().map_err(bad)?;
                 check_openable("drive", &d.path_on_host, !d.is_read_only)?;
+                if d.io_engine == config::IoEngine::Async {
+                    // Firecracker sets the drive's io_uring up at this PUT, so a host that
+                    // cannot run one is refused here, not at InstanceStart.
+                    crate::devices::virtio::block::Disk::open(&d)
+                        .map(drop)
+                        .map_err(bad)?;
+                }
                 config::drive::insert_drive(&mut self.config.drives, d).map_err(bad)?;
                 Ok(ActionOk::NoContent)
             }
