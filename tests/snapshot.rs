@@ -953,3 +953,130 @@ fn snapshot_version_and_describe_snapshot() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("cannot read the state file"), "{err}");
 }
+
+/// A scratch ext4 file system (16 MiB, loop-mounted on `<dir>/mnt`) that can be frozen:
+/// writes to a frozen file system wait in the kernel until it is thawed. Thawed and
+/// unmounted (which frees the loop device) on drop.
+struct FreezableFs {
+    mnt: PathBuf,
+}
+
+impl FreezableFs {
+    fn new(dir: &TempDir) -> FreezableFs {
+        let img = dir.path("fs.img");
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(16 << 20))
+            .unwrap();
+        let mnt = dir.path("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        for (cmd, args) in [
+            ("mkfs.ext4", vec!["-q", "-F", img.to_str().unwrap()]),
+            (
+                "mount",
+                vec!["-o", "loop", img.to_str().unwrap(), mnt.to_str().unwrap()],
+            ),
+        ] {
+            let st = Command::new(cmd).args(&args).status().expect(cmd);
+            assert!(st.success(), "{cmd} {args:?}: {st}");
+        }
+        FreezableFs { mnt }
+    }
+
+    fn freeze(&self, on: bool) {
+        let flag = if on { "-f" } else { "-u" };
+        let st = Command::new("fsfreeze")
+            .arg(flag)
+            .arg(&self.mnt)
+            .status()
+            .expect("fsfreeze");
+        assert!(st.success(), "fsfreeze {flag}: {st}");
+    }
+}
+
+impl Drop for FreezableFs {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
+        // A ring's files are let go by the kernel a moment after its process exits.
+        wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+            Command::new("umount")
+                .arg(&self.mnt)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+    }
+}
+
+/// io_engine Async: a disk write the kernel has not finished when the VM is paused is
+/// waited for and answered before the state is saved, as Firecracker drains its io_uring
+/// before a snapshot. The drive's file system is frozen, so the snap guest's write is
+/// held in flight; the snapshot finishes only once it is thawed, and the restored guest
+/// finds its write answered and its data on the disk.
+#[test]
+fn async_write_in_flight_completes_before_the_snapshot() {
+    let dir = TempDir::new("snap-async");
+    let fs = FreezableFs::new(&dir);
+    let disk = fs.mnt.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let drives = format!(
+        r#""drives": [{{"drive_id": "d0", "path_on_host": "{}", "is_root_device": false,
+            "cache_type": "Writeback", "io_engine": "Async"}}]"#,
+        disk.display()
+    );
+    let config = dir.path("vm.json");
+    std::fs::write(
+        &config,
+        guest_config("console=ttyS0 ember_test=snap", 1, 64, &drives),
+    )
+    .unwrap();
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+
+    let first = Ember::start(&dir, "a", Some(&config));
+    first.wait_counter(3);
+    fs.freeze(true);
+    // The guest writes every ~100 ms: its next write is now held in the kernel.
+    std::thread::sleep(Duration::from_millis(400));
+    let stuck = snap_lines(&first.output())
+        .last()
+        .cloned()
+        .expect("a snap line");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        snap_lines(&first.output()).last().map(|l| l.n),
+        Some(stuck.n),
+        "the guest went on while its disk was frozen"
+    );
+    first.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let body = format!(
+        r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state.display(),
+        mem.display()
+    );
+    std::thread::scope(|s| {
+        let create = s.spawn(|| first.request("PUT", "/snapshot/create", &body));
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(
+            !create.is_finished(),
+            "the snapshot did not wait for the write in flight"
+        );
+        fs.freeze(false);
+        let (status, answer) = create.join().unwrap();
+        assert_eq!(status, 204, "{answer}");
+    });
+    let before = first.output();
+    drop(first);
+    // The write held in flight reached the file before the state was saved.
+    assert_eq!(sector(&disk, stuck.n + 1), format!("snap {}", stuck.n + 1));
+
+    let second = Ember::start(&dir, "b", None);
+    second.load(&state, &mem, true);
+    second.wait_counter(stuck.n + 4);
+    let (_, all) = assert_continues(&before, &second.output());
+    for l in &all {
+        assert_eq!(l.disk, "ok", "{all:?}");
+    }
+}
