@@ -132,9 +132,34 @@ fn full_boot_through_the_api_with_curl() {
     let (s, b) = curl(&e.sock, "GET", "/machine-config", None);
     assert_eq!(s, 200);
     assert!(b.contains("\"vcpu_count\":2"), "{b}");
+    // io_engine is always reported: Sync when not given, as Firecracker does.
+    let dir = TempDir::new("api-drives");
+    let (a, b) = (dir.path("a.img"), dir.path("b.img"));
+    for p in [&a, &b] {
+        std::fs::write(p, vec![0u8; 4096]).unwrap();
+    }
+    e.ok(
+        "PUT",
+        "/drives/a",
+        &format!(
+            r#"{{"drive_id": "a", "path_on_host": "{}", "is_root_device": false}}"#,
+            a.display()
+        ),
+    );
+    e.ok(
+        "PUT",
+        "/drives/b",
+        &format!(
+            r#"{{"drive_id": "b", "path_on_host": "{}", "is_root_device": false, "io_engine": "Async"}}"#,
+            b.display()
+        ),
+    );
     let (s, b) = curl(&e.sock, "GET", "/vm/config", None);
     assert_eq!(s, 200);
     assert!(b.contains("\"boot-source\"") && b.contains(guest()), "{b}");
+    let cfg: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(cfg["drives"][0]["io_engine"], "Sync", "{b}");
+    assert_eq!(cfg["drives"][1]["io_engine"], "Async", "{b}");
     let mut out = e.stdout();
     e.action("InstanceStart");
     assert!(read_until(&mut out, T, |l| l == "mptable: cpus=2").is_some());
