@@ -521,3 +521,75 @@ fn async_without_io_uring_is_refused_clearly() {
     let o = wait(child, T);
     assert_eq!(o.code, Some(128 + libc::SIGTERM), "{o:#?}");
 }
+
+/// `snap <n> ...` lines of the snap guest: `n`.
+fn snap_n(line: &str) -> Option<u64> {
+    line.strip_prefix("snap ")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The NUL-trimmed text the snap guest's iteration `n` writes (sector 8 + n % 16).
+fn snap_sector(disk: &Path, n: u64) -> String {
+    let data = std::fs::read(disk).unwrap();
+    let at = ((8 + n % 16) * 512) as usize;
+    let s = &data[at..at + 512];
+    let end = s.iter().position(|b| *b == 0).unwrap_or(512);
+    String::from_utf8_lossy(&s[..end]).into_owned()
+}
+
+/// PATCH /drives on a running Async drive: what is in flight finishes on the old file,
+/// the ring's registered file becomes the new one (the one register call the VMM
+/// thread's seccomp filter and the ring's restrictions allow), and the guest's later
+/// writes land there.
+#[test]
+fn patch_drive_moves_an_async_drive_to_a_new_file() {
+    let dir = TempDir::new("blk-patch");
+    let (old, new) = (dir.path("old.img"), dir.path("new.img"));
+    for p in [&old, &new] {
+        std::fs::write(p, vec![0u8; 1 << 20]).unwrap();
+    }
+    let cfg = dir.path("vm.json");
+    std::fs::write(
+        &cfg,
+        guest_config(
+            "console=ttyS0 ember_test=snap",
+            1,
+            64,
+            &format!(
+                r#""drives": [{}]"#,
+                drive_on("Async", "d0", &old, false, false, "Writeback")
+            ),
+        ),
+    )
+    .unwrap();
+    let sock = dir.path("api.sock");
+    let mut child = spawn(&[
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--config-file",
+        cfg.to_str().unwrap(),
+    ]);
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let first = read_until(&mut out, T, |l| snap_n(l).is_some_and(|n| n >= 3)).expect("snap 3");
+    let n0 = snap_n(&first).unwrap();
+    let body = format!(
+        r#"{{"drive_id": "d0", "path_on_host": "{}"}}"#,
+        new.display()
+    );
+    let (status, answer) = http(&sock, "PATCH", "/drives/d0", Some(&body)).expect("answer");
+    assert_eq!(status, 204, "{answer}");
+    let later = read_until(&mut out, T, |l| {
+        snap_n(l).is_some_and(|n| n >= n0 + 5) && l.contains("disk=ok")
+    })
+    .expect("the guest's disk works after the swap");
+    let n1 = snap_n(&later).unwrap();
+    send_signal(&child, libc::SIGTERM);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    assert_eq!(snap_sector(&new, n1), format!("snap {n1}"));
+    assert_eq!(snap_sector(&old, n0), format!("snap {n0}"));
+    assert_ne!(snap_sector(&old, n1), format!("snap {n1}"));
+}
