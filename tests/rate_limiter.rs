@@ -30,8 +30,15 @@ fn bench_lines(stdout: &str, base: &str) -> Vec<(String, u64, f64)> {
     out
 }
 
+/// On both I/O engines: Async takes the same tokens before it submits a request.
 #[test]
 fn a_drive_limit_holds_and_its_neighbour_is_not_slowed() {
+    for engine in ["Sync", "Async"] {
+        drive_limit_on(engine);
+    }
+}
+
+fn drive_limit_on(engine: &str) {
     let dir = TempDir::new("rl-blk");
     let (free, slow) = (dir.path("free.img"), dir.path("slow.img"));
     // 6 MiB: the bench moves the whole disk in each of its four runs.
@@ -44,7 +51,8 @@ fn a_drive_limit_holds_and_its_neighbour_is_not_slowed() {
     let rate = size as f64 * 1000.0 / refill_ms as f64;
     let drive = |id: &str, p: &std::path::Path, rl: &str| {
         format!(
-            r#"{{"drive_id": "{id}", "path_on_host": "{}", "is_root_device": false{rl}}}"#,
+            r#"{{"drive_id": "{id}", "path_on_host": "{}", "is_root_device": false,
+                 "io_engine": "{engine}"{rl}}}"#,
             p.display()
         )
     };
@@ -85,7 +93,7 @@ fn a_drive_limit_holds_and_its_neighbour_is_not_slowed() {
     let overdraw = (1u64 << 20) as f64 / ((1u64 << 20) - size) as f64;
     let slow_runs = bench_lines(&o.stdout, "0xd0002000");
     assert_eq!(slow_runs.len(), 4, "{}", o.stdout);
-    eprintln!("limited: {slow_runs:?}");
+    eprintln!("{engine}: limited: {slow_runs:?}");
     for (op, req, got) in &slow_runs {
         let (hi, lo) = if *req < size {
             (fastest * 1.1, rate_mib * 0.75)
@@ -94,8 +102,8 @@ fn a_drive_limit_holds_and_its_neighbour_is_not_slowed() {
         };
         assert!(
             *got <= hi && *got >= lo,
-            "limited drive, {op} in {req}-byte requests: {got} MiB/s, limit {rate_mib:.2}, \
-             expected {lo:.2}..{hi:.2}\n{}",
+            "{engine}: limited drive, {op} in {req}-byte requests: {got} MiB/s, limit \
+             {rate_mib:.2}, expected {lo:.2}..{hi:.2}\n{}",
             o.stdout
         );
     }
@@ -108,7 +116,7 @@ fn a_drive_limit_holds_and_its_neighbour_is_not_slowed() {
     // so they are not compared with the limit.
     let free_runs = bench_lines(&o.stdout, "0xd0001000");
     assert_eq!(free_runs.len(), 4, "{}", o.stdout);
-    eprintln!("unlimited: {free_runs:?}");
+    eprintln!("{engine}: unlimited: {free_runs:?}");
     for (op, req, got) in free_runs.iter().filter(|r| r.1 >= 1 << 20) {
         assert!(
             *got > 4.0 * expected,
