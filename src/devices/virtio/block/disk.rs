@@ -451,7 +451,11 @@ impl Disk {
             let outcome = match f.result {
                 Ok(n) => Outcome {
                     status: VIRTIO_BLK_S_OK as u8,
-                    written: if f.op == Op::Read { n as u32 } else { 0 },
+                    written: if f.op == Op::Read {
+                        u32::try_from(n).unwrap_or(u32::MAX)
+                    } else {
+                        0
+                    },
                 },
                 Err(errno) => {
                     let level = self.io_log.level();

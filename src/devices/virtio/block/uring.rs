@@ -110,6 +110,8 @@ pub struct Uring {
     /// Keeps the guest memory the in-flight buffers point into mapped.
     mem: Option<GuestMemory>,
     submit_log: super::super::LogOnce,
+    /// Completions taken off the ring (reused buffer).
+    cqes: Vec<(u64, i32)>,
 }
 
 impl std::fmt::Debug for Uring {
@@ -170,6 +172,7 @@ impl Uring {
             unsubmitted: 0,
             mem: None,
             submit_log: Default::default(),
+            cqes: Vec::with_capacity(SLOTS),
         })
     }
 
@@ -323,12 +326,10 @@ impl Uring {
     /// the rest (the caller submits it), so only whole requests come back. No system
     /// call: this only reads the completion ring.
     pub fn reap(&mut self, mem: &GuestMemory, out: &mut Vec<Finished>) {
-        let cqes: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (user_data, res) in cqes {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(user_data, res) in &cqes {
             let Ok(index) = u16::try_from(user_data) else {
                 continue;
             };
@@ -380,6 +381,7 @@ impl Uring {
             });
             self.free.push(index);
         }
+        self.cqes = cqes;
     }
 
     /// Waits until nothing is in flight, collecting what completes into `out`.
