@@ -155,6 +155,8 @@ for i, r in enumerate(requests.values()):
     all_descs += descs
     hdrs.append(hdr)
 write("virtio_blk", "four", spec(4) + image(16, all_descs, heads, hdrs))
+# The same four on the Async engine (flag 8), on a writeback drive (4): io_uring.
+write("virtio_blk", "four-async", spec(4, 8 | 4) + image(16, all_descs, heads, hdrs))
 write("virtio_blk", "read-only-write", spec(3, 2) + image(8, blk_chain(0, 1, 1, 512, False, 0)[0],
                                                          [0], [blk_chain(0, 1, 1, 512, False, 0)[1]]))
 
