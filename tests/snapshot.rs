@@ -333,11 +333,224 @@ fn rate_limited_drive_goes_on_after_restore() {
     );
 }
 
-/// A VM with a balloon is refused a snapshot with a message that names the balloon, and
-/// goes on running.
+/// Waits until the console has a line for which `pred` holds; returns it.
+fn wait_console(e: &Ember, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let start = Instant::now();
+    loop {
+        let out = e.output();
+        if let Some(l) = out.lines().find(|l| pred(l)) {
+            return l.to_string();
+        }
+        assert!(start.elapsed() < T, "no {what} line; console:\n{out}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Connects to guest port `port` through the hybrid vsock socket at `uds` as Kata and
+/// the Go SDK do (`CONNECT <port>\n`, then a line starting `OK `).
+fn vsock_connect(uds: &Path, port: u32) -> UnixStream {
+    let mut s = UnixStream::connect(uds).unwrap_or_else(|e| panic!("connect {uds:?}: {e}"));
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 64 && s.read(&mut b).unwrap_or(0) == 1 {
+        line.push(b[0]);
+        if b[0] == b'\n' {
+            break;
+        }
+    }
+    let line = String::from_utf8_lossy(&line).into_owned();
+    assert!(line.starts_with("OK "), "reply to CONNECT {port}: {line:?}");
+    s
+}
+
+/// Writes `msg` and reads it back from the guest's echo port.
+fn vsock_echo(s: &mut UnixStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(back, msg);
+}
+
+/// A VM with vsock: snapshotted with a host connection open, restored twice from the
+/// same files. The restored guest gets the transport-reset event on its event queue and
+/// drops the connection the old process held; new host-initiated connections work, on
+/// `vsock_override`'s socket when one is given, else on the snapshot's `uds_path`.
 #[test]
-fn balloon_vm_snapshot_is_refused() {
+fn vsock_restore_resets_the_transport() {
+    let dir = TempDir::new("snap-vsock");
+    let uds = dir.path("a.vsock");
+    let config = dir.path("vm.json");
+    std::fs::write(
+        &config,
+        guest_config(
+            "console=ttyS0 ember_test=vsock",
+            1,
+            128,
+            &format!(
+                r#""vsock": {{"guest_cid": 3, "uds_path": "{}"}}"#,
+                uds.display()
+            ),
+        ),
+    )
+    .unwrap();
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+
+    let a = Ember::start(&dir, "a", Some(&config));
+    wait_console(&a, "vsock: ready", |l| l == "vsock: ready");
+    let mut held = vsock_connect(&uds, 1024);
+    vsock_echo(&mut held, b"before the snapshot");
+    a.snapshot(&state, &mem);
+    drop(a);
+    // The old process is gone, and with it the host side of the connection.
+    let mut rest = Vec::new();
+    let _ = held.read_to_end(&mut rest);
+
+    // Restored with another socket path.
+    let moved = dir.path("b.vsock");
+    let b = Ember::start(&dir, "b", None);
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}},
+            "resume_vm": true, "vsock_override": {{"uds_path": "{}"}}}}"#,
+        state.display(),
+        mem.display(),
+        moved.display()
+    );
+    b.ok("PUT", "/snapshot/load", &body);
+    let reset = wait_console(&b, "transport reset", |l| {
+        l.starts_with("vsock: transport reset")
+    });
+    assert_eq!(reset, "vsock: transport reset dropped=1 cid=3");
+    let mut s = vsock_connect(&moved, 1024);
+    vsock_echo(&mut s, b"after the restore");
+    let mut again = vsock_connect(&moved, 1024);
+    vsock_echo(&mut again, b"and once more");
+    assert!(
+        UnixStream::connect(&uds).is_err(),
+        "the old uds_path still answers"
+    );
+    let (_, cfg) = b.request("GET", "/vm/config", "");
+    assert!(cfg.contains("b.vsock") && !cfg.contains("a.vsock"), "{cfg}");
+    // The one the guest dropped never reaches the new process either.
+    drop(b);
+
+    // Restored again from the same files, without an override: the snapshot's uds_path
+    // (its stale socket file replaced) serves again.
+    let c = Ember::start(&dir, "c", None);
+    c.load(&state, &mem, true);
+    wait_console(&c, "transport reset", |l| {
+        l == "vsock: transport reset dropped=1 cid=3"
+    });
+    let mut s = vsock_connect(&uds, 1024);
+    vsock_echo(&mut s, b"the old path works again");
+
+    // An override for a snapshot without vsock, or a path a Unix socket cannot take.
+    let plain = snap_config(&dir, 1, 32, None);
+    let (ps, pm) = (dir.path("plain.state"), dir.path("plain.mem"));
+    let d = Ember::start(&dir, "d", Some(&plain));
+    d.wait_counter(1);
+    d.snapshot(&ps, &pm);
+    drop(d);
+    let e = Ember::start(&dir, "e", None);
+    for (over, want) in [
+        (
+            format!("{}", dir.path("x.vsock").display()),
+            "no vsock device",
+        ),
+        (format!("/{}", "x".repeat(200)), "uds_path"),
+    ] {
+        let body = format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "vsock_override": {{"uds_path": "{over}"}}}}"#,
+            ps.display(),
+            pm.display()
+        );
+        let (status, answer) = e.request("PUT", "/snapshot/load", &body);
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.contains(want), "want `{want}` in {answer}");
+    }
+}
+
+/// A balloon VM (test guest mode `balloon`, statistics every second) inflated to 4 MiB,
+/// snapshotted and restored: GET /balloon keeps the target, the statistics report keeps
+/// the driver's `actual` and the guest's figures, the held statistics buffer comes back
+/// (new statistics arrive), and a new target is followed: inflation goes on.
+#[test]
+fn balloon_restore_keeps_its_state_and_inflates_on() {
     let dir = TempDir::new("snap-balloon");
+    let config = dir.path("vm.json");
+    std::fs::write(
+        &config,
+        guest_config(
+            "console=ttyS0 ember_test=balloon",
+            1,
+            64,
+            r#""balloon": {"amount_mib": 4, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#,
+        ),
+    )
+    .unwrap();
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+    let a = Ember::start(&dir, "a", Some(&config));
+    wait_console(&a, "balloon: actual=1024", |l| l == "balloon: actual=1024");
+    wait_console(&a, "balloon: stats=2", |l| l == "balloon: stats=2");
+    a.snapshot(&state, &mem);
+    let (_, stats_before) = a.request("GET", "/balloon/statistics", "");
+    let before = a.output();
+    drop(a);
+    let last_stats = before
+        .lines()
+        .filter_map(|l| l.strip_prefix("balloon: stats="))
+        .filter_map(|n| n.parse::<u64>().ok())
+        .max()
+        .unwrap();
+
+    let b = Ember::start(&dir, "b", None);
+    b.load(&state, &mem, true);
+    let (status, balloon) = b.request("GET", "/balloon", "");
+    assert_eq!(status, 200, "{balloon}");
+    assert!(
+        balloon.contains(r#""amount_mib":4"#)
+            && balloon.contains(r#""stats_polling_interval_s":1"#),
+        "{balloon}"
+    );
+    let (status, stats) = b.request("GET", "/balloon/statistics", "");
+    assert_eq!(status, 200, "{stats}");
+    for want in [
+        r#""target_pages":1024"#,
+        r#""actual_pages":1024"#,
+        r#""total_memory":134217728"#,
+    ] {
+        assert!(
+            stats.contains(want),
+            "want {want} in {stats} (before: {stats_before})"
+        );
+    }
+    // The held statistics buffer is handed back by the restored timer.
+    let next = format!("balloon: stats={}", last_stats + 1);
+    wait_console(&b, &next, |l| l == next);
+    // A new target: the guest inflates on, and the report follows.
+    b.ok("PATCH", "/balloon", r#"{"amount_mib": 8}"#);
+    wait_console(&b, "balloon: actual=2048", |l| l == "balloon: actual=2048");
+    let (_, balloon) = b.request("GET", "/balloon", "");
+    assert!(balloon.contains(r#""amount_mib":8"#), "{balloon}");
+    assert!(wait_for(T, Duration::from_millis(50), || {
+        b.request("GET", "/balloon/statistics", "")
+            .1
+            .contains(r#""actual_pages":2048"#)
+    }));
+    // And back to empty: every page given up reads as zero in the restored process too.
+    b.ok("PATCH", "/balloon", r#"{"amount_mib": 0}"#);
+    wait_console(&b, "balloon: deflated", |l| {
+        l == "balloon: deflated=2048 zeroed=2048"
+    });
+}
+
+/// An entropy device behind a rate limiter (one request per 200 ms) next to the snap
+/// guest: restored, it keeps serving random bytes, each request held back by the
+/// restored limiter until its timer fires, and GET /vm/config still names the limiter.
+#[test]
+fn entropy_device_serves_after_restore() {
+    let dir = TempDir::new("snap-entropy");
     let config = dir.path("vm.json");
     std::fs::write(
         &config,
@@ -345,24 +558,44 @@ fn balloon_vm_snapshot_is_refused() {
             "console=ttyS0 ember_test=snap",
             1,
             64,
-            r#""balloon": {"amount_mib": 0, "deflate_on_oom": false}"#,
+            r#""entropy": {"rate_limiter": {"ops": {"size": 1, "refill_time": 200}}}"#,
         ),
     )
     .unwrap();
-    let first = Ember::start(&dir, "a", Some(&config));
-    first.wait_counter(2);
-    first.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
-    let body = format!(
-        r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
-        dir.path("vm.state").display(),
-        dir.path("vm.mem").display()
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+    let a = Ember::start(&dir, "a", Some(&config));
+    a.wait_counter(3);
+    a.snapshot(&state, &mem);
+    let before = a.output();
+    drop(a);
+    let rng_lines = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| l.starts_with("snap-rng "))
+            .map(str::to_string)
+            .collect()
+    };
+    assert!(!rng_lines(&before).is_empty(), "{before}");
+    // The state file holds the limiter's bucket level.
+    let body = String::from_utf8_lossy(&std::fs::read(&state).unwrap()).into_owned();
+    assert!(
+        body.contains(r#""Rng":{"limiter":{"bandwidth":null,"ops":{"budget""#),
+        "{body}"
     );
-    let (status, answer) = first.request("PUT", "/snapshot/create", &body);
-    assert_eq!(status, 400, "{answer}");
-    assert!(answer.contains("balloon"), "{answer}");
-    first.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
-    let n = snap_lines(&first.output()).last().map_or(0, |l| l.n);
-    first.wait_counter(n + 2);
+
+    let b = Ember::start(&dir, "b", None);
+    b.load(&state, &mem, true);
+    let last = snap_lines(&before).last().unwrap().n;
+    b.wait_counter(last + 5);
+    let after = rng_lines(&b.output());
+    assert!(after.len() >= 4, "{after:?}");
+    for l in &after {
+        assert!(
+            l.ends_with(" len=16 differ=1"),
+            "{after:?}\nbefore: {before}"
+        );
+    }
+    let (_, cfg) = b.request("GET", "/vm/config", "");
+    assert!(cfg.contains(r#""refill_time": 200"#), "{cfg}");
 }
 
 /// snapshot -> restore -> snapshot -> restore, the second restore resumed through the

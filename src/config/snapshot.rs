@@ -67,9 +67,17 @@ pub struct LoadSnapshotParams {
     /// Advance the guest's kvmclock by the wall-clock time since the snapshot.
     #[serde(default)]
     pub clock_realtime: bool,
-    /// Accepted only when null: ember does not snapshot vsock devices yet.
+    /// Another `uds_path` for the snapshot's vsock device (so clones of one snapshot each
+    /// listen on their own socket); null or absent keeps the snapshot's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vsock_override: Option<serde_json::Value>,
+    pub vsock_override: Option<VsockOverride>,
+}
+
+/// Firecracker's `VsockOverride`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: String,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -80,8 +88,8 @@ pub enum SnapshotConfigError {
     BothMemory,
     #[error("`{0}` cannot be empty.")]
     EmptyPath(&'static str),
-    #[error("`vsock_override`: ember does not snapshot vsock devices yet")]
-    Vsock,
+    #[error("`vsock_override`: {0}")]
+    Vsock(super::vsock::VsockConfigError),
     #[error("`network_overrides` names interface `{0}` twice")]
     DuplicateOverride(String),
 }
@@ -111,8 +119,15 @@ impl LoadSnapshotParams {
         if self.backend()?.backend_path.is_empty() {
             return Err(SnapshotConfigError::EmptyPath("backend_path"));
         }
-        if self.vsock_override.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(SnapshotConfigError::Vsock);
+        if let Some(o) = &self.vsock_override {
+            // Only the path is new: the CID is the snapshot's, checked there.
+            super::vsock::VsockConfig {
+                vsock_id: None,
+                guest_cid: super::vsock::MIN_GUEST_CID,
+                uds_path: o.uds_path.clone(),
+            }
+            .validate()
+            .map_err(SnapshotConfigError::Vsock)?;
         }
         for (i, o) in self.network_overrides.iter().enumerate() {
             if self.network_overrides[..i]
@@ -180,9 +195,27 @@ mod tests {
             Err(SnapshotConfigError::DuplicateOverride(_))
         ));
         let p = load(
-            r#"{"snapshot_path": "s", "mem_file_path": "m", "vsock_override": {"uds_path": "x"}}"#,
+            r#"{"snapshot_path": "s", "mem_file_path": "m", "vsock_override": {"uds_path": "/v.sock"}}"#,
         );
-        assert_eq!(p.validate(), Err(SnapshotConfigError::Vsock));
+        assert_eq!(p.validate(), Ok(()));
+        assert_eq!(p.vsock_override.unwrap().uds_path, "/v.sock");
+        let p = load(r#"{"snapshot_path": "s", "mem_file_path": "m", "vsock_override": null}"#);
+        assert_eq!(p.validate(), Ok(()));
+        let p = load(
+            r#"{"snapshot_path": "s", "mem_file_path": "m", "vsock_override": {"uds_path": ""}}"#,
+        );
+        assert!(matches!(p.validate(), Err(SnapshotConfigError::Vsock(_))));
+        let long = format!(
+            r#"{{"snapshot_path": "s", "mem_file_path": "m", "vsock_override": {{"uds_path": "/{}"}}}}"#,
+            "x".repeat(200)
+        );
+        assert!(p.validate().is_err() && load(&long).validate().is_err());
+        assert!(
+            serde_json::from_str::<LoadSnapshotParams>(
+                r#"{"snapshot_path": "s", "mem_file_path": "m", "vsock_override": {"uds_path": "/v", "cid": 3}}"#
+            )
+            .is_err()
+        );
     }
 
     #[test]

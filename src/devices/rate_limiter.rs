@@ -17,6 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::config::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+use crate::snapshot::devices::{BucketState, LimiterState};
 
 /// How long a limiter that refused a request stays blocked (Firecracker's value).
 pub const REFILL_TIMER: Duration = Duration::from_millis(100);
@@ -101,6 +102,36 @@ impl TokenBucket {
         self.last_refill += Duration::from_nanos(u64::try_from(used_ns).unwrap_or(u64::MAX));
         let tokens = u64::try_from(tokens).unwrap_or(u64::MAX);
         self.budget = self.budget.saturating_add(tokens).min(self.size);
+    }
+
+    /// The bucket's level, for a snapshot.
+    pub fn save(&self) -> BucketState {
+        let elapsed = Instant::now().saturating_duration_since(self.last_refill);
+        BucketState {
+            budget: self.budget,
+            one_time_burst: self.burst,
+            elapsed_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Puts a saved level back on a bucket built from the same configuration. A level
+    /// this bucket could never reach (more than its size or burst) is refused; the time
+    /// since the last refill counts on from where it was (at most a whole refill time,
+    /// which already refills the bucket completely).
+    pub fn restore(&mut self, s: &BucketState) -> Result<(), String> {
+        if s.budget > self.size || s.one_time_burst > self.initial_burst {
+            return Err(format!(
+                "a token bucket with {} tokens and {} of burst left, where its size is {} and its burst {}",
+                s.budget, s.one_time_burst, self.size, self.initial_burst
+            ));
+        }
+        let max = self.refill_ms.saturating_mul(NS_PER_MS);
+        let elapsed = Duration::from_nanos(s.elapsed_ns.min(max));
+        let now = Instant::now();
+        self.budget = s.budget;
+        self.burst = s.one_time_burst;
+        self.last_refill = now.checked_sub(elapsed).unwrap_or(now);
+        Ok(())
     }
 
     /// Takes `tokens`: from the one-time burst first, then from the budget.
@@ -317,6 +348,37 @@ impl RateLimiter {
         }
     }
 
+    /// Both buckets' levels, for a snapshot. Whether the limiter was blocked is not
+    /// kept: a restored device retries its queues at once, and a bucket still short of
+    /// tokens blocks it again.
+    pub fn save(&self) -> LimiterState {
+        LimiterState {
+            bandwidth: self.bandwidth.as_ref().map(TokenBucket::save),
+            ops: self.ops.as_ref().map(TokenBucket::save),
+        }
+    }
+
+    /// Puts saved levels back on a limiter built from the same configuration: each bucket
+    /// the configuration has must have a level, and no other.
+    pub fn restore(&mut self, s: &LimiterState) -> Result<(), String> {
+        fn one(
+            name: &str,
+            bucket: Option<&mut TokenBucket>,
+            saved: Option<&BucketState>,
+        ) -> Result<(), String> {
+            match (bucket, saved) {
+                (None, None) => Ok(()),
+                (Some(b), Some(s)) => b.restore(s).map_err(|e| format!("{name}: {e}")),
+                (Some(_), None) => Err(format!("no level for the {name} bucket")),
+                (None, Some(_)) => Err(format!(
+                    "a level for a {name} bucket the configuration does not have"
+                )),
+            }
+        }
+        one("bandwidth", self.bandwidth.as_mut(), s.bandwidth.as_ref())?;
+        one("ops", self.ops.as_mut(), s.ops.as_ref())
+    }
+
     /// The timer's fd, for the event loop.
     pub fn fd(&self) -> RawFd {
         self.timer.as_raw_fd()
@@ -407,5 +469,47 @@ mod tests {
         });
         assert!(free.consume_request(4096));
         assert!(!free.consume_request(4096));
+    }
+
+    /// A snapshot keeps each bucket's level: a limiter restored from it refuses what the
+    /// saved one would have, and a level the configuration cannot hold is refused.
+    #[test]
+    fn levels_survive_save_and_restore() {
+        let cfg = RateLimiterConfig {
+            bandwidth: Some(tb(1000, 500, 10_000)),
+            ops: Some(tb(10, 0, 10_000)),
+        };
+        let mut rl = RateLimiter::new(Some(&cfg)).unwrap();
+        assert!(rl.consume_request(700));
+        assert!(rl.consume_request(100));
+        let saved = rl.save();
+        let bw = saved.bandwidth.unwrap();
+        assert_eq!((bw.budget, bw.one_time_burst), (800, 0));
+        assert_eq!(saved.ops.unwrap().budget, 8);
+
+        let mut back = RateLimiter::new(Some(&cfg)).unwrap();
+        back.restore(&saved).unwrap();
+        assert_eq!(back.save().bandwidth.unwrap().budget, 800);
+        // 900 bytes do not fit the 800 left (a fresh limiter would grant them).
+        assert!(!back.consume_request(900));
+        assert!(RateLimiter::new(Some(&cfg)).unwrap().consume_request(900));
+
+        // Levels the configuration cannot hold, or buckets it does not have.
+        let mut bad = saved;
+        bad.ops.as_mut().unwrap().budget = 11;
+        assert!(back.restore(&bad).unwrap_err().contains("ops"));
+        let mut bad = saved;
+        bad.bandwidth.as_mut().unwrap().one_time_burst = 501;
+        assert!(back.restore(&bad).is_err());
+        let mut bad = saved;
+        bad.ops = None;
+        assert!(back.restore(&bad).unwrap_err().contains("no level"));
+        let mut none = RateLimiter::new(None).unwrap();
+        assert!(none.restore(&saved).is_err());
+        none.restore(&LimiterState::default()).unwrap();
+        // A huge elapsed time is only a full refill.
+        let mut long = saved;
+        long.ops.as_mut().unwrap().elapsed_ns = u64::MAX;
+        back.restore(&long).unwrap();
     }
 }

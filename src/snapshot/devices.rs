@@ -115,6 +115,70 @@ pub struct VirtioState {
     pub activated: bool,
     /// One per queue when activated, empty otherwise.
     pub progress: Vec<QueueProgress>,
+    /// What the device itself keeps beyond its queues (rate limiter buckets, the
+    /// balloon's sizes); absent for devices that keep nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceState>,
+}
+
+/// Device-specific state, one variant per kind of device that keeps any.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum DeviceState {
+    /// virtio-blk: its drive's rate limiter.
+    Block {
+        limiter: LimiterState,
+    },
+    /// virtio-net: its RX and TX rate limiters.
+    Net {
+        rx: LimiterState,
+        tx: LimiterState,
+    },
+    /// virtio-rng: its rate limiter, if one is configured.
+    Rng {
+        limiter: Option<LimiterState>,
+    },
+    Balloon(BalloonDeviceState),
+    /// virtio-vsock keeps no state of its own: connections are closed by a restore (the
+    /// driver hears of it through the transport-reset event) and the listener is bound
+    /// again, at `vsock_override`'s path if one is given.
+    Vsock {},
+}
+
+/// One token bucket's level: what Firecracker's snapshots keep too. The bucket's size,
+/// burst and refill time come from the configuration in the same state file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketState {
+    /// Tokens in the bucket.
+    pub budget: u64,
+    /// What is left of the one-time burst.
+    pub one_time_burst: u64,
+    /// Nanoseconds since the bucket last refilled: the part of a token accumulated.
+    pub elapsed_ns: u64,
+}
+
+/// A rate limiter's buckets; `None` where the configuration has no such bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimiterState {
+    pub bandwidth: Option<BucketState>,
+    pub ops: Option<BucketState>,
+}
+
+/// The balloon beyond its configuration (which holds the target and the statistics
+/// interval as last set through the API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonDeviceState {
+    /// The target in 4 KiB pages, as the driver reads it in the config space.
+    pub target_pages: u32,
+    /// The driver's `actual` field.
+    pub actual_pages: u32,
+    /// The statistics buffer the driver last filled, held until the next request.
+    pub stats_head: Option<u16>,
+    /// The last statistics the guest reported, as (tag, value) pairs.
+    pub stats: Vec<(u16, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -119,19 +119,6 @@ pub fn create(
     config: &VmConfig,
     params: &CreateSnapshotParams,
 ) -> Result<(), SnapshotError> {
-    if config.vsock.is_some() {
-        // Its host connections live outside the VM; restoring them is not done yet.
-        return Err(SnapshotError::Unsupported(
-            "snapshots of a VM with a vsock device are not supported yet".into(),
-        ));
-    }
-    if config.balloon.is_some() {
-        // The balloon holds the guest's statistics buffer outside the ring and its
-        // device state is not saved: a restored guest would wait for that buffer forever.
-        return Err(SnapshotError::Unsupported(
-            "snapshots of a VM with a balloon device are not supported yet".into(),
-        ));
-    }
     let started = std::time::Instant::now();
     // Requests the guest made available complete now, so none is in flight in the file.
     vmm.devices.drain_virtio();
@@ -248,12 +235,30 @@ pub fn validate(state: &MicrovmState) -> Result<(), SnapshotError> {
         ));
     }
     memory::check_layout(&state.memory, c.machine_config.mem_size_mib as u64)?;
-    let devices = c.drives.len() + c.network_interfaces.len();
+    // One per drive and interface, then the vsock, balloon and entropy devices, in the
+    // builder's order.
+    let devices = c.drives.len()
+        + c.network_interfaces.len()
+        + usize::from(c.vsock.is_some())
+        + usize::from(c.balloon.is_some())
+        + usize::from(c.entropy.is_some());
     if state.devices.virtio.len() != devices {
         return invalid(format!(
-            "{} virtio device states for {devices} configured drives and interfaces",
+            "{} virtio device states for the {devices} virtio devices of its configuration",
             state.devices.virtio.len()
         ));
+    }
+    if let Some(v) = &c.vsock {
+        v.validate()
+            .map_err(|e| SnapshotError::Invalid(format!("vsock: {e}")))?;
+    }
+    if let Some(b) = &c.balloon {
+        b.validate(c.machine_config.mem_size_mib as u64)
+            .map_err(|e| SnapshotError::Invalid(format!("balloon: {e}")))?;
+    }
+    if let Some(e) = &c.entropy {
+        e.validate()
+            .map_err(|e| SnapshotError::Invalid(format!("entropy: {e}")))?;
     }
     for (i, v) in state.vcpus.iter().enumerate() {
         if v.cpuid.is_empty() || v.cpuid.len() > KVM_MAX_CPUID_ENTRIES {
@@ -290,6 +295,14 @@ pub fn restore(
             )));
         };
         iface.host_dev_name.clone_from(&o.host_dev_name);
+    }
+    if let Some(o) = &params.vsock_override {
+        let Some(vsock) = state.config.vsock.as_mut() else {
+            return Err(SnapshotError::Invalid(
+                "vsock_override: the snapshot has no vsock device".into(),
+            ));
+        };
+        vsock.uds_path.clone_from(&o.uds_path);
     }
     let track = params.track_dirty();
     state.config.machine_config.track_dirty_pages = track;

@@ -199,6 +199,56 @@ static const char *disk_step(uint64_t n)
 	return memcmp(got, data, sizeof(got)) == 0 ? "ok" : "mismatch";
 }
 
+/* The first virtio-rng device, if any: each iteration asks it for RNG_BYTES bytes. */
+#define RNG_BYTES 16
+static uint64_t rng_base;
+static struct virtqueue rng_vq;
+static uint8_t rng_rings[VQ_RING_BYTES(VQ_SIZE)] NOINIT __attribute__((aligned(4096)));
+static uint8_t rng_buf[2][RNG_BYTES] NOINIT;
+
+static void find_rng(const char *cmdline)
+{
+	const char *p = NULL;
+	while ((p = cmdline_find(cmdline, p, "virtio_mmio.device=")) != NULL) {
+		const char *at = p;
+		while (*at && *at != '@' && *at != ' ')
+			at++;
+		if (*at != '@')
+			continue;
+		uint64_t base;
+		parse_u64(at + 1, &base);
+		if (base < (1ull << 20) || base >= (1ull << 32) - 0x1000)
+			continue;
+		if (mmio_read32(base + VIRTIO_MMIO_MAGIC) != VIRTIO_MMIO_MAGIC_VALUE ||
+		    mmio_read32(base + VIRTIO_MMIO_DEVICE_ID) != 4)
+			continue;
+		uint64_t features;
+		if (virtio_negotiate(base, "snap-rng", 0, &features) != 0)
+			return;
+		if (virtio_setup_queue(base, "snap-rng", 0, &rng_vq, rng_rings, VQ_SIZE) != 0)
+			return;
+		virtio_driver_ok(base);
+		rng_base = base;
+		memset(rng_buf, 0, sizeof(rng_buf));
+		return;
+	}
+}
+
+/* "snap-rng <n> len=<used length, -1 on timeout> differ=<0|1>": differ compares with the
+ * previous iteration's bytes. */
+static void rng_step(uint64_t n)
+{
+	if (!rng_base)
+		return;
+	uint8_t *b = rng_buf[n & 1];
+	rng_vq.desc[0] = (struct vring_desc){(uint64_t)b, RNG_BYTES, VRING_DESC_F_WRITE, 0};
+	vq_push(&rng_vq, 0);
+	vq_notify(&rng_vq);
+	uint32_t id, len;
+	int64_t got = vq_wait(&rng_vq, 5000, &id, &len) == 0 ? (int64_t)len : -1;
+	kprintf("snap-rng %lu len=%ld differ=%u\n", n, got, memcmp(rng_buf[0], rng_buf[1], RNG_BYTES) != 0);
+}
+
 /* Serial input bytes (printable) become the tag; a newline ends nothing. */
 static void read_tag(void)
 {
@@ -221,6 +271,7 @@ void snap_loop(const char *cmdline)
 		touch_bytes = (mib > TOUCH_MAX_MIB ? TOUCH_MAX_MIB : mib) << 20;
 	}
 	find_blk(cmdline);
+	find_rng(cmdline);
 	start_timer();
 	kprintf("snap: start disk=%s\n", blk_base ? "yes" : "no");
 	uint64_t interval = tsc_hz() / 10;
@@ -242,6 +293,7 @@ void snap_loop(const char *cmdline)
 		if (snap_reports_cpuid)
 			cpuid_report(cmdline);
 		kprintf("snap %lu ticks=%lu disk=%s tag=%s\n", n, snap_timer_ticks, disk, tag);
+		rng_step(n);
 		counter = n + 1;
 	}
 }

@@ -399,6 +399,39 @@ static int handle_rx(int b, uint32_t used_len)
 	}
 }
 
+/* VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (a restore from a snapshot): every connection is
+ * gone on the host's side, so drop them all, read the CID again, and hand the event
+ * buffer back (the device holds RX until it sees it). */
+static void poll_events(uint64_t base)
+{
+	uint32_t id, len;
+	while (vq_poll(&evq, &id, &len)) {
+		if (id >= EVQ_SIZE) {
+			kprintf("vsock: error: bogus event used id %u\n", id);
+			continue;
+		}
+		uint32_t event = *(volatile uint32_t *)ev_bufs[id];
+		if (len >= 4 && event == 0) {
+			unsigned dropped = 0;
+			for (unsigned i = 0; i < NCONN; i++) {
+				if (conns[i].state != C_FREE) {
+					close_conn(&conns[i]);
+					dropped++;
+				}
+			}
+			nsource = 0;
+			guest_cid = mmio_read32(base + VIRTIO_MMIO_CONFIG) |
+				    (uint64_t)mmio_read32(base + VIRTIO_MMIO_CONFIG + 4) << 32;
+			kprintf("vsock: transport reset dropped=%u cid=%lu\n", dropped, guest_cid);
+		} else {
+			kprintf("vsock: event id=%u len=%u\n", event, len);
+		}
+		evq.desc[id] = (struct vring_desc){(uint64_t)ev_bufs[id], 8, VRING_DESC_F_WRITE, 0};
+		vq_push(&evq, (uint16_t)id);
+		vq_notify(&evq);
+	}
+}
+
 static void connect_to(uint32_t port, unsigned i)
 {
 	struct conn *c = alloc(GUEST_PORT_BASE + i, port);
@@ -485,6 +518,7 @@ void vsock_run(uint64_t base, const char *cmdline)
 				post_rx((int)id);
 		}
 		reclaim_tx();
+		poll_events(base);
 		for (unsigned i = 0; i < nparked;) {
 			struct conn *c = &conns[parked_list[i]];
 			if (c->state == C_FREE || c->park_head < 0) {

@@ -30,6 +30,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::queue::{self, BrokenRing};
 use super::{ActivateError, EventSet, Interest, VirtioDevice, VirtioInterrupt, Work};
 use crate::config::BalloonConfig;
+use crate::snapshot::devices::{BalloonDeviceState, DeviceState};
 use crate::vm::memory::GuestMemory;
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -43,6 +44,9 @@ pub const MAX_PAGES_PER_DESC: usize = 256;
 pub const MAX_STATS: usize = 32;
 /// One statistics entry: le16 tag, le64 value, packed.
 const STAT_ENTRY_BYTES: usize = 10;
+
+/// The highest statistics tag defined (VIRTIO_BALLOON_S_DIRECT_RECLAIM).
+const MAX_TAG: u16 = 15;
 
 const F_STATS_VQ: u32 = 1;
 const F_DEFLATE_ON_OOM: u32 = 2;
@@ -89,7 +93,21 @@ pub struct GuestStats {
 impl GuestStats {
     /// Records one (tag, value) pair; unknown tags are ignored, as the spec asks.
     pub fn update(&mut self, tag: u16, val: u64) {
-        let slot = match tag {
+        if let Some(slot) = self.slot(tag) {
+            *slot = Some(val);
+        }
+    }
+
+    /// The (tag, value) pairs reported so far, by tag (for a snapshot).
+    pub fn pairs(&self) -> Vec<(u16, u64)> {
+        let mut all = self.clone();
+        (0..=MAX_TAG)
+            .filter_map(|t| all.slot(t).and_then(|v| *v).map(|v| (t, v)))
+            .collect()
+    }
+
+    fn slot(&mut self, tag: u16) -> Option<&mut Option<u64>> {
+        Some(match tag {
             0 => &mut self.swap_in,
             1 => &mut self.swap_out,
             2 => &mut self.major_faults,
@@ -106,9 +124,8 @@ impl GuestStats {
             13 => &mut self.direct_scan,
             14 => &mut self.async_reclaim,
             15 => &mut self.direct_reclaim,
-            _ => return,
-        };
-        *slot = Some(val);
+            _ => return None,
+        })
     }
 }
 
@@ -550,6 +567,33 @@ pub fn release_range(mem: &GuestMemory, addr: u64, len: u64) -> bool {
     let Ok(len) = usize::try_from(len) else {
         return false;
     };
+    if region.file_offset().is_some() {
+        // RAM restored from a snapshot's memory file (MAP_PRIVATE): MADV_DONTNEED would
+        // only drop the private copies, and the guest would read the file's pages again,
+        // not zeros. A fresh anonymous mapping over the range frees the copies and reads
+        // as zero, as released RAM of a booted VM does (Firecracker does the same).
+        // SAFETY: [host, host + len) lies inside one live mapping of guest RAM owned by
+        // `mem` (checked above), so MAP_FIXED replaces only guest RAM, with memory of the
+        // same size and protection; KVM follows the change through its MMU notifier.
+        let r = unsafe {
+            libc::mmap(
+                host.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            log::debug!(
+                "virtio-balloon: mmap over {addr:#x}: {}",
+                std::io::Error::last_os_error()
+            );
+            return false;
+        }
+        return true;
+    }
     // SAFETY: [host, host + len) lies inside one live mapping of guest RAM owned by
     // `mem` (checked above). MADV_DONTNEED on that private anonymous mapping only drops
     // its pages: later accesses by the guest or the VMM read zeros, never freed memory.
@@ -651,6 +695,66 @@ impl VirtioDevice for Balloon {
 
     fn event_sources(&self) -> Vec<(RawFd, u16)> {
         self.timer_fd.map(|fd| (fd, 0)).into_iter().collect()
+    }
+
+    fn queue_progress(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+            .unwrap_or_default()
+    }
+
+    fn save_device_state(&self) -> Option<DeviceState> {
+        let s = self.lock();
+        Some(DeviceState::Balloon(BalloonDeviceState {
+            target_pages: s.target_pages,
+            actual_pages: s.actual_pages,
+            stats_head: s.stats_head,
+            stats: s.stats.pairs(),
+        }))
+    }
+
+    /// The target and statistics interval come from the snapshot's configuration (the
+    /// API keeps it current); the rest is checked against this device: a held
+    /// statistics buffer needs a statistics queue and a head index within it.
+    fn restore_device_state(&mut self, state: Option<&DeviceState>) -> Result<(), String> {
+        let saved = match state {
+            None => return Ok(()),
+            Some(DeviceState::Balloon(b)) => b,
+            Some(_) => return Err("the saved state is not a balloon's".into()),
+        };
+        let mut s = self.lock();
+        if saved.target_pages != s.target_pages {
+            return Err(format!(
+                "a target of {} pages where the configuration's amount_mib makes {}",
+                saved.target_pages, s.target_pages
+            ));
+        }
+        if let Some(head) = saved.stats_head {
+            let size = self
+                .stats_queue
+                .and_then(|q| self.queue_sizes.get(q))
+                .ok_or("a held statistics buffer, but statistics are not enabled")?;
+            if head >= *size {
+                return Err(format!(
+                    "held statistics buffer {head} is outside the {size}-entry queue"
+                ));
+            }
+        }
+        if saved.stats.len() > usize::from(MAX_TAG) + 1 {
+            return Err(format!("{} statistics entries", saved.stats.len()));
+        }
+        let mut stats = GuestStats::default();
+        for (tag, val) in &saved.stats {
+            let slot = stats
+                .slot(*tag)
+                .ok_or_else(|| format!("unknown statistics tag {tag}"))?;
+            *slot = Some(*val);
+        }
+        s.actual_pages = saved.actual_pages;
+        s.stats_head = saved.stats_head;
+        s.stats = stats;
+        Ok(())
     }
 
     fn process_event(&mut self, _source: u16, _: EventSet, _interest: &mut dyn Interest) -> Work {

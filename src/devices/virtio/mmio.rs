@@ -371,6 +371,7 @@ impl MmioTransport {
                     event_idx_enabled: q.event_idx_enabled,
                 })
                 .collect(),
+            device: self.device.save_device_state(),
         }
     }
 
@@ -448,6 +449,9 @@ impl MmioTransport {
             s.interrupt_status & (super::VIRTIO_MMIO_INT_VRING | super::VIRTIO_MMIO_INT_CONFIG),
             std::sync::atomic::Ordering::SeqCst,
         );
+        self.device
+            .restore_device_state(s.device.as_ref())
+            .map_err(|e| format!("virtio type {kind}: {e}"))?;
         if !s.activated {
             return Ok(());
         }
@@ -478,6 +482,7 @@ impl MmioTransport {
             )
             .map_err(|e| format!("virtio type {kind}: cannot start the device again: {e}"))?;
         self.activated = true;
+        self.device.restored();
         Ok(())
     }
 

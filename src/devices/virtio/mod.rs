@@ -212,6 +212,27 @@ pub trait VirtioDevice: Send {
     fn queue_progress(&self) -> Vec<virtio_queue::QueueState> {
         Vec::new()
     }
+    /// The device's own state for a snapshot, beyond its queues (see
+    /// `snapshot::devices::DeviceState`); None for a device that keeps none.
+    fn save_device_state(&self) -> Option<crate::snapshot::devices::DeviceState> {
+        None
+    }
+    /// Puts saved device state back on a device freshly built from the snapshot's
+    /// configuration, before the transport restarts it. The state file is hostile input:
+    /// every value is checked against the device. `None` (a state file without it) keeps
+    /// the fresh device's state.
+    fn restore_device_state(
+        &mut self,
+        state: Option<&crate::snapshot::devices::DeviceState>,
+    ) -> Result<(), String> {
+        match state {
+            None => Ok(()),
+            Some(_) => Err("state for another kind of device".into()),
+        }
+    }
+    /// The transport restarted a restored device at its saved queue positions (still
+    /// off the event loop; the device's wake-ups reach the loop once it runs).
+    fn restored(&mut self) {}
     /// Replaces the device's backing file (PATCH /drives after start). Returns whether the
     /// config space changed, so the transport can notify the driver.
     fn update_backing(&mut self, _path: &str) -> Result<bool, String> {

@@ -18,6 +18,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::queue::{self, BrokenRing};
 use super::{ActivateError, EventSet, Interest, VirtioDevice, VirtioInterrupt, Work};
 use crate::devices::rate_limiter::RateLimiter;
+use crate::snapshot::devices::{DeviceState, LimiterState};
 use crate::vm::memory::GuestMemory;
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -42,6 +43,17 @@ pub trait EntropyBudget: Send {
     fn timer_fired(&mut self) -> bool {
         false
     }
+    /// The buckets' levels, for a snapshot (none: nothing is limited).
+    fn save(&self) -> Option<LimiterState> {
+        None
+    }
+    /// Puts saved levels back (see `RateLimiter::restore`).
+    fn restore(&mut self, saved: Option<&LimiterState>) -> Result<(), String> {
+        match saved {
+            None => Ok(()),
+            Some(_) => Err("a rate limiter level, but no rate limiter is configured".into()),
+        }
+    }
 }
 
 /// Firecracker's token buckets: each request takes one op and the bytes it asks for.
@@ -56,6 +68,17 @@ impl EntropyBudget for RateLimiter {
 
     fn timer_fired(&mut self) -> bool {
         RateLimiter::timer_fired(self)
+    }
+
+    fn save(&self) -> Option<LimiterState> {
+        Some(RateLimiter::save(self))
+    }
+
+    fn restore(&mut self, saved: Option<&LimiterState>) -> Result<(), String> {
+        match saved {
+            Some(s) => RateLimiter::restore(self, s),
+            None => Err("no level for the configured rate limiter".into()),
+        }
     }
 }
 
@@ -275,6 +298,30 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn queue_progress(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.queue.state()])
+            .unwrap_or_default()
+    }
+
+    fn save_device_state(&self) -> Option<DeviceState> {
+        Some(DeviceState::Rng {
+            limiter: self.budget.save(),
+        })
+    }
+
+    fn restore_device_state(&mut self, state: Option<&DeviceState>) -> Result<(), String> {
+        match state {
+            None => Ok(()),
+            Some(DeviceState::Rng { limiter }) => self
+                .budget
+                .restore(limiter.as_ref())
+                .map_err(|e| format!("rate limiter: {e}")),
+            Some(_) => Err("the saved state is not an entropy device's".into()),
+        }
     }
 
     fn event_sources(&self) -> Vec<(RawFd, u16)> {

@@ -17,6 +17,7 @@ use super::{ActivateError, EventSet, Interest, VirtioDevice, VirtioError, Virtio
 use crate::config::drive::DriveConfig;
 use crate::config::rate_limiter::RateLimiterConfig;
 use crate::devices::rate_limiter::RateLimiter;
+use crate::snapshot::devices::DeviceState;
 use crate::vm::memory::GuestMemory;
 
 /// Event source: the rate limiter's timer.
@@ -189,6 +190,26 @@ impl VirtioDevice for Block {
             .as_ref()
             .map(|a| vec![a.queue.state()])
             .unwrap_or_default()
+    }
+
+    fn save_device_state(&self) -> Option<DeviceState> {
+        self.disk
+            .limiter
+            .as_ref()
+            .map(|l| DeviceState::Block { limiter: l.save() })
+    }
+
+    fn restore_device_state(&mut self, state: Option<&DeviceState>) -> Result<(), String> {
+        match (state, self.disk.limiter.as_mut()) {
+            (None, _) => Ok(()),
+            (Some(DeviceState::Block { limiter }), Some(l)) => {
+                l.restore(limiter).map_err(|e| format!("rate limiter: {e}"))
+            }
+            (Some(DeviceState::Block { limiter }), None) if *limiter == Default::default() => {
+                Ok(())
+            }
+            _ => Err("the saved state is not a drive's".into()),
+        }
     }
 
     /// Requests in flight complete first: an acknowledged write is in the file before

@@ -478,6 +478,39 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
             .unwrap_or_default()
     }
 
+    fn save_device_state(&self) -> Option<crate::snapshot::devices::DeviceState> {
+        let level = |l: &Option<crate::devices::rate_limiter::RateLimiter>| {
+            l.as_ref().map(|l| l.save()).unwrap_or_default()
+        };
+        Some(crate::snapshot::devices::DeviceState::Net {
+            rx: level(&self.frames.rx_limiter),
+            tx: level(&self.frames.tx_limiter),
+        })
+    }
+
+    fn restore_device_state(
+        &mut self,
+        state: Option<&crate::snapshot::devices::DeviceState>,
+    ) -> Result<(), String> {
+        let (rx, tx) = match state {
+            None => return Ok(()),
+            Some(crate::snapshot::devices::DeviceState::Net { rx, tx }) => (rx, tx),
+            Some(_) => return Err("the saved state is not a network interface's".into()),
+        };
+        for (name, limiter, saved) in [
+            ("RX", &mut self.frames.rx_limiter, rx),
+            ("TX", &mut self.frames.tx_limiter, tx),
+        ] {
+            match limiter.as_mut() {
+                Some(l) => l.restore(saved),
+                None if *saved == Default::default() => Ok(()),
+                None => Err("no limiter to restore".into()),
+            }
+            .map_err(|e| format!("{name} rate limiter: {e}"))?;
+        }
+        Ok(())
+    }
+
     fn process_event(&mut self, source: u16, _: EventSet, interest: &mut dyn Interest) -> Work {
         match source {
             SOURCE_TX_LIMITER => {

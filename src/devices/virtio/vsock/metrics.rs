@@ -18,6 +18,8 @@ pub struct VsockMetrics {
     pub tx_bytes_count: AtomicU64,
     /// TX chains dropped as malformed.
     pub tx_malformed: AtomicU64,
+    /// Event-queue buffers that could not take the transport-reset event.
+    pub ev_queue_event_fails: AtomicU64,
 }
 
 /// One vsock device per VM, so one set of counters per process.
@@ -31,6 +33,7 @@ pub static METRICS: VsockMetrics = VsockMetrics {
     tx_packets_count: AtomicU64::new(0),
     tx_bytes_count: AtomicU64::new(0),
     tx_malformed: AtomicU64::new(0),
+    ev_queue_event_fails: AtomicU64::new(0),
 };
 
 pub fn inc(c: &AtomicU64, by: u64) {
@@ -50,6 +53,7 @@ impl VsockMetrics {
             "tx_packets_count": g(&self.tx_packets_count),
             "tx_bytes_count": g(&self.tx_bytes_count),
             "tx_malformed": g(&self.tx_malformed),
+            "ev_queue_event_fails": g(&self.ev_queue_event_fails),
         })
     }
 

@@ -5,6 +5,14 @@
 //! driver's buffers there are held, never used, until then). The device keeps no state a
 //! restore could not rebuild: connections are closed by a reset, the listener stays.
 //!
+//! After a restore the guest's connections have no host side any more (their host peers
+//! belonged to the process that made the snapshot), so the restored device tells the
+//! driver with VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: the driver closes every connection and
+//! reads the guest CID again. Until the driver has taken the event and handed its buffer
+//! back (a kick of the event queue), nothing goes to the RX queue, so a host connection
+//! made just after the restore is not closed by the reset meant for the old ones
+//! (Firecracker gates RX the same way).
+//!
 //! `packet.rs` is the wire header, `conn.rs` one connection's state machine and flow
 //! control, `muxer.rs` the host sockets and which connection a packet belongs to; this file
 //! moves packets between the queues and the muxer.
@@ -38,12 +46,28 @@ const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 /// The largest payload of one packet, either way (Firecracker's and Linux's limit).
 pub const MAX_PKT_DATA: usize = 64 * 1024;
 
+/// `struct virtio_vsock_event { le32 id; }` with this id: the transport was reset.
+pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+
 struct Active {
     mem: GuestMemory,
     rx: Queue,
     tx: Queue,
-    _event: Queue,
+    event: Queue,
     interrupt: Arc<VirtioInterrupt>,
+}
+
+/// Where the transport-reset event of a restore is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResetEvent {
+    /// None owed: RX flows.
+    None,
+    /// Owed, waiting for an event-queue buffer (or for the event loop's first pass).
+    Pending,
+    /// Delivered when the driver's event-queue avail index was this; RX waits until the
+    /// driver hands a buffer back (the index moves on) and kicks the event queue. (A kick
+    /// alone is no answer: the restore itself kicks every queue once.)
+    AwaitingAck(u16),
 }
 
 pub struct Vsock {
@@ -52,6 +76,7 @@ pub struct Vsock {
     active: Option<Active>,
     /// Payload staging, one packet at a time.
     buf: Vec<u8>,
+    reset_event: ResetEvent,
 }
 
 /// A descriptor chain's buffers, checked for direction and guest memory.
@@ -158,7 +183,51 @@ impl Vsock {
             muxer: Muxer::new(u64::from(guest_cid), uds_path)?,
             active: None,
             buf: vec![0u8; MAX_PKT_DATA],
+            reset_event: ResetEvent::None,
         })
+    }
+
+    /// Puts the owed transport-reset event in the driver's next event-queue buffer, if
+    /// it has one (else the event waits for the driver's next event-queue kick).
+    fn deliver_reset_event(&mut self) {
+        if self.reset_event != ResetEvent::Pending {
+            return;
+        }
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let size = a.event.size();
+        for _ in 0..size {
+            let Some(chain) = a.event.pop_descriptor_chain(&a.mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+            let written = match collect_chain(&a.mem, chain, true, usize::from(size)) {
+                Ok(c) if c.total >= event.len() => write_chain(&a.mem, &c, 0, &event),
+                Ok(_) => false,
+                Err((_, why)) => {
+                    log::debug!("vsock: event chain {head} {why}");
+                    false
+                }
+            };
+            let len = if written { event.len() as u32 } else { 0 };
+            if let Err(e) = a.event.add_used(&a.mem, head, len) {
+                log::debug!("vsock: cannot complete event chain {head}: {e}");
+            }
+            a.interrupt.signal_used_queue();
+            if written {
+                log::info!("vsock: transport reset event sent to the guest");
+                let avail = a
+                    .event
+                    .avail_idx(&a.mem, std::sync::atomic::Ordering::Acquire)
+                    .map_or(0, |i| i.0);
+                self.reset_event = ResetEvent::AwaitingAck(avail);
+                return;
+            }
+            inc(&METRICS.ev_queue_event_fails, 1);
+        }
+        log::debug!("vsock: no event buffer for the transport reset yet");
     }
 
     /// Moves every packet the guest made available to the muxer, at most a queue's worth
@@ -233,6 +302,9 @@ impl Vsock {
     /// Fills RX buffers with what the muxer has for the guest, a queue's worth per pass;
     /// if more is left, the wake eventfd brings the event loop back.
     fn run_rx(&mut self, interest: &mut dyn Interest) {
+        if self.reset_event != ResetEvent::None {
+            return;
+        }
         let Some(a) = self.active.as_mut() else {
             return;
         };
@@ -341,7 +413,7 @@ impl VirtioDevice for Vsock {
             mem,
             rx,
             tx,
-            _event: event,
+            event,
             interrupt,
         });
         log::debug!("vsock: active, guest CID {}", self.guest_cid);
@@ -352,6 +424,19 @@ impl VirtioDevice for Vsock {
 
     fn process_queue(&mut self, index: usize, interest: &mut dyn Interest) -> Work {
         self.muxer.settle(interest);
+        if let (EVENT_QUEUE, ResetEvent::AwaitingAck(at), Some(a)) =
+            (index, self.reset_event, self.active.as_ref())
+        {
+            // The driver handed an event buffer back: it has handled the reset.
+            let now = a
+                .event
+                .avail_idx(&a.mem, std::sync::atomic::Ordering::Acquire)
+                .map_or(at, |i| i.0);
+            if now != at {
+                self.reset_event = ResetEvent::None;
+            }
+        }
+        self.deliver_reset_event();
         let more = match index {
             RX_QUEUE => {
                 self.run_rx(interest);
@@ -363,7 +448,10 @@ impl VirtioDevice for Vsock {
                 self.run_rx(interest);
                 more
             }
-            EVENT_QUEUE => false,
+            EVENT_QUEUE => {
+                self.run_rx(interest);
+                false
+            }
             _ => false,
         };
         self.muxer.arm_timer();
@@ -372,7 +460,36 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.active = None;
+        self.reset_event = ResetEvent::None;
         self.muxer.reset();
+    }
+
+    fn queue_progress(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.rx.state(), a.tx.state(), a.event.state()])
+            .unwrap_or_default()
+    }
+
+    fn save_device_state(&self) -> Option<crate::snapshot::devices::DeviceState> {
+        Some(crate::snapshot::devices::DeviceState::Vsock {})
+    }
+
+    fn restore_device_state(
+        &mut self,
+        state: Option<&crate::snapshot::devices::DeviceState>,
+    ) -> Result<(), String> {
+        match state {
+            None | Some(crate::snapshot::devices::DeviceState::Vsock {}) => Ok(()),
+            Some(_) => Err("the saved state is not a vsock device's".into()),
+        }
+    }
+
+    /// A restored running device owes the driver a transport reset: sent from the event
+    /// loop's first pass, once the vCPUs' interrupt controllers hold their saved state.
+    fn restored(&mut self) {
+        self.reset_event = ResetEvent::Pending;
+        self.muxer.wake();
     }
 
     /// The listener, the timer and the wake eventfd; host streams come and go through
@@ -388,6 +505,7 @@ impl VirtioDevice for Vsock {
         interest: &mut dyn Interest,
     ) -> Work {
         self.muxer.process_event(source, events, interest);
+        self.deliver_reset_event();
         self.run_rx(interest);
         self.muxer.arm_timer();
         Work::Done
