@@ -278,3 +278,99 @@ write("mmds", "v2-token",
       + drain())
 write("mmds", "other-arp-and-out-of-window",
       bytes([2]) + arp(False) + seg(2, SYN) + seg(2, ACK, b"x" * 10, off=-500) + drain())
+
+
+# --- snapshot_state: real state files, written by ember snapshotting the test guest -----
+# Input: a mode byte (bit 0: fix the body length and checksum, bit 1: write this ember's
+# version; see the target), then the state file. Needs a built ember and test guest:
+# $EMBER (default target/debug/ember) and $EMBER_TEST_GUEST (default: the newest in
+# target/debug/build); without them the committed seeds stay as they are.
+def snapshot_seeds():
+    import glob
+    import http.client
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+    import time
+
+    repo = os.path.dirname(here)
+    ember = os.environ.get("EMBER", os.path.join(repo, "target", "debug", "ember"))
+    guests = sorted(glob.glob(os.path.join(repo, "target", "debug", "build", "ember-*", "out",
+                                           "ember-test-guest")), key=os.path.getmtime)
+    guest = os.environ.get("EMBER_TEST_GUEST", guests[-1] if guests else "")
+    if not (os.path.exists(ember) and os.path.exists(guest)):
+        print("snapshot_state: no ember or test guest built; seeds left as they are")
+        return
+
+    class Conn(http.client.HTTPConnection):
+        def __init__(self, path):
+            super().__init__("localhost", timeout=60)
+            self.path = path
+
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.connect(self.path)
+
+    def call(sock, method, path, body):
+        c = Conn(sock)
+        c.request(method, path, json.dumps(body), {"Content-Type": "application/json"})
+        r = c.getresponse()
+        answer = r.read()
+        if r.status != 204:
+            raise RuntimeError(f"{method} {path}: {r.status} {answer!r}")
+
+    tmp = tempfile.mkdtemp(prefix="ember-seeds-")
+    try:
+        disk = os.path.join(tmp, "disk")
+        with open(disk, "wb") as f:
+            f.write(bytes(1 << 20))
+        limiter = {"ops": {"size": 10, "refill_time": 100},
+                   "bandwidth": {"size": 65536, "one_time_burst": 4096, "refill_time": 100}}
+        cases = {
+            "snap-devices": ("ember_test=snap", 1, {
+                "drives": [{"drive_id": "d0", "path_on_host": disk, "is_root_device": False,
+                            "rate_limiter": limiter}],
+                "entropy": {"rate_limiter": limiter},
+                "balloon": {"amount_mib": 1, "deflate_on_oom": True,
+                            "stats_polling_interval_s": 1},
+                "vsock": {"guest_cid": 3, "uds_path": os.path.join(tmp, "v.sock")}}, 2.0),
+            "snap-2vcpus": ("ember_test=snap", 2, {}, 1.0),
+            "vsock-active": ("ember_test=vsock", 1, {
+                "vsock": {"guest_cid": 3, "uds_path": os.path.join(tmp, "w.sock")}}, 1.5),
+            "balloon-active": ("ember_test=balloon", 1, {
+                "balloon": {"amount_mib": 2, "deflate_on_oom": False,
+                            "stats_polling_interval_s": 1}}, 4.0),
+        }
+        for name, (mode, vcpus, extra, settle) in cases.items():
+            config = {"boot-source": {"kernel_image_path": guest,
+                                      "boot_args": f"console=ttyS0 {mode}"},
+                      "machine-config": {"vcpu_count": vcpus, "mem_size_mib": 32 if
+                                         mode == "ember_test=snap" else 64}}
+            config.update(extra)
+            cfg = os.path.join(tmp, name + ".json")
+            with open(cfg, "w") as f:
+                json.dump(config, f)
+            sock = os.path.join(tmp, name + ".sock")
+            p = subprocess.Popen([ember, "--api-sock", sock, "--config-file", cfg],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            try:
+                time.sleep(settle)
+                state = os.path.join(tmp, name + ".state")
+                call(sock, "PATCH", "/vm", {"state": "Paused"})
+                call(sock, "PUT", "/snapshot/create",
+                     {"snapshot_path": state, "mem_file_path": os.path.join(tmp, "mem")})
+            finally:
+                p.kill()
+                p.wait()
+            with open(state, "rb") as f:
+                data = f.read()
+            write("snapshot_state", name, bytes([3]) + data)
+            if name == "snap-devices":
+                write("snapshot_state", name + "-raw", bytes([0]) + data)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+snapshot_seeds()

@@ -201,6 +201,7 @@ fn body_definitions_match_the_config_types() {
     check_definition::<snapshot::LoadSnapshotParams>(&defs, "SnapshotLoadParams");
     check_definition::<snapshot::MemBackend>(&defs, "MemoryBackend");
     check_definition::<snapshot::NetworkOverride>(&defs, "NetworkOverride");
+    check_definition::<snapshot::VsockOverride>(&defs, "VsockOverride");
 }
 
 #[test]
