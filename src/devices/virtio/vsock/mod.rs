@@ -718,4 +718,65 @@ mod tests {
         drop(UnixStream::connect(&uds).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A restored device puts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET in the driver's next
+    /// event buffer (waiting for one if there is none) and holds RX back until the driver
+    /// hands an event buffer back: a kick alone (the restore kicks every queue) is no
+    /// answer.
+    #[test]
+    fn restore_sends_a_transport_reset_and_holds_rx_until_answered() {
+        let dir = std::env::temp_dir().join(format!("ember-vsock-reset-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let uds = dir.join("v.sock").to_string_lossy().into_owned();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let (mut rx, rxq) = Vq::new(&mem, 0);
+        let (mut tx, txq) = Vq::new(&mem, 1);
+        let (mut ev, evq) = Vq::new(&mem, 2);
+        let mut dev = Vsock::new(3, &uds).unwrap();
+        let lp = &mut TestLoop::new(dev.event_sources());
+        let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::from_eventfd(
+            EventFd::new(0).unwrap(),
+        )));
+        dev.activate(mem.clone(), vec![rxq, txq, evq], interrupt, 0)
+            .unwrap();
+        dev.restored();
+        // No event buffer yet: the event waits, RX too.
+        dev.process_queue(EVENT_QUEUE, lp);
+        assert_eq!(ev.used_idx(&mem), 0);
+        // A packet for no connection (a leftover of the old process) earns an RST, which
+        // must wait for the driver's answer to the reset.
+        mem.write_slice(&guest_pkt(OP_RW, 5, 6, 0), GuestAddress(buf(0)))
+            .unwrap();
+        tx.desc(&mem, 0, buf(0), 44, 0, 0);
+        tx.publish(&mem, 0);
+        rx.desc(&mem, 0, buf(1), 4096, VRING_DESC_F_WRITE, 0);
+        rx.publish(&mem, 0);
+        mem.write_obj(0xffff_ffffu32, GuestAddress(buf(2))).unwrap();
+        ev.desc(&mem, 0, buf(2), 8, VRING_DESC_F_WRITE, 0);
+        ev.publish(&mem, 0);
+        ev.desc(&mem, 1, buf(3), 8, VRING_DESC_F_WRITE, 0);
+        ev.publish(&mem, 1);
+        dev.process_queue(TX_QUEUE, lp);
+        assert_eq!(ev.used_idx(&mem), 1, "one event, in the first buffer");
+        assert_eq!(ev.used(&mem, 0), (0, 4));
+        let id: u32 = mem.read_obj(GuestAddress(buf(2))).unwrap();
+        assert_eq!(id, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET);
+        assert_eq!(rx.used_idx(&mem), 0, "RX before the driver answered");
+        dev.process_queue(EVENT_QUEUE, lp);
+        dev.process_queue(RX_QUEUE, lp);
+        assert_eq!(rx.used_idx(&mem), 0, "a bare kick is no answer");
+        // The driver posts its buffer back: RX flows, the RST goes out; no second event.
+        ev.publish(&mem, 0);
+        dev.process_queue(EVENT_QUEUE, lp);
+        assert_eq!(rx.used_idx(&mem), 1);
+        let mut raw = [0u8; HDR_LEN];
+        mem.read_slice(&mut raw, GuestAddress(buf(1))).unwrap();
+        assert_eq!(Header::from_bytes(&raw).op, OP_RST);
+        assert_eq!(ev.used_idx(&mem), 1);
+        // A reset forgets an owed event.
+        dev.restored();
+        dev.reset();
+        assert_eq!(dev.reset_event, ResetEvent::None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
