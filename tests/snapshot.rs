@@ -598,6 +598,52 @@ fn entropy_device_serves_after_restore() {
     assert!(cfg.contains(r#""refill_time": 200"#), "{cfg}");
 }
 
+/// A console sent to a file (`serial.serial_out_path`) stays there after a restore: the
+/// restored UART keeps the configured output instead of falling back to stdout.
+#[test]
+fn serial_output_file_is_kept_after_restore() {
+    let dir = TempDir::new("snap-serial");
+    let console = dir.path("console.out");
+    let config = dir.path("vm.json");
+    std::fs::write(
+        &config,
+        guest_config(
+            "console=ttyS0 ember_test=snap",
+            1,
+            32,
+            &format!(
+                r#""serial": {{"serial_out_path": "{}"}}"#,
+                console.display()
+            ),
+        ),
+    )
+    .unwrap();
+    let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
+    let last_in_file = || {
+        let text = std::fs::read(&console).unwrap_or_default();
+        snap_lines(&String::from_utf8_lossy(&text))
+            .iter()
+            .map(|l| l.n)
+            .max()
+    };
+    let a = Ember::start(&dir, "a", Some(&config));
+    assert!(wait_for(T, Duration::from_millis(20), || last_in_file()
+        .is_some_and(|n| n >= 2)));
+    a.snapshot(&state, &mem);
+    drop(a);
+    let last = last_in_file().unwrap();
+    let b = Ember::start(&dir, "b", None);
+    b.load(&state, &mem, true);
+    assert!(
+        wait_for(T, Duration::from_millis(20), || last_in_file()
+            .is_some_and(|n| n >= last + 3)),
+        "the restored console never reached {}: {:?}",
+        console.display(),
+        last_in_file()
+    );
+    assert!(snap_lines(&b.output()).is_empty(), "{}", b.output());
+}
+
 /// snapshot -> restore -> snapshot -> restore, the second restore resumed through the
 /// API after loading paused.
 #[test]

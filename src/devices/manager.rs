@@ -620,8 +620,10 @@ impl DeviceManager {
         if let (Some(saved), Some((serial, input_space))) = (&s.serial, &self.serial) {
             let irq = self.irq_line(SERIAL_IRQ).map_err(|e| e.to_string())?;
             let space = input_space.try_clone().map_err(|e| e.to_string())?;
-            let restored = SerialDevice::from_state(saved, irq, ConsoleOut::stdout(), space)?;
-            *serial.lock().unwrap_or_else(|p| p.into_inner()) = restored;
+            serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore(saved, irq, space)?;
         }
         if let Some(k) = &self.i8042 {
             k.lock()

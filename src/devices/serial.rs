@@ -201,6 +201,24 @@ impl SerialDevice {
         Ok(SerialDevice { uart })
     }
 
+    /// Puts saved registers and input on this UART (snapshot restore); its output stays
+    /// where the configuration sent it (stdout, or `serial_out_path`).
+    pub fn restore(
+        &mut self,
+        state: &crate::snapshot::devices::SerialState,
+        irq: IrqLine,
+        input_space: EventFd,
+    ) -> Result<(), String> {
+        let out = std::mem::replace(&mut self.uart.writer_mut().0, ConsoleOut::Sink);
+        match SerialDevice::from_state(state, irq, out, input_space) {
+            Ok(restored) => {
+                *self = restored;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn save_state(&self) -> crate::snapshot::devices::SerialState {
         self.uart.state().into()
     }
