@@ -1,6 +1,7 @@
 //! The snapshot state file, as `PUT /snapshot/load` reads it: `format::decode` (header,
 //! checksum, JSON body), `snapshot::validate` (counts and sizes against the
-//! configuration), the CPUID check against this host, and every device state that can be
+//! configuration), the CPUID check against this host (without first clearing the bits a
+//! CPU template forces, which may read a template file), and every device state that can be
 //! put back without a VM: the UART, the i8042 and the virtio-mmio transports of the
 //! virtio-blk, virtio-rng and virtio-balloon devices the configuration names (with their
 //! rate limiter levels, the balloon's sizes and held buffer), each then kicked once on
