@@ -56,6 +56,8 @@ const CFLAGS: &[&str] = &[
     "-mno-mmx",
     "-mno-popcnt",
     "-O2",
+    // Frame pointers: the boot profiler's test walks the guest's stack (tests/profile.rs).
+    "-fno-omit-frame-pointer",
     "-fno-stack-protector",
     "-fcf-protection=none",
     "-fno-asynchronous-unwind-tables",

@@ -34,6 +34,11 @@ Options:
   --enable-pci                      accepted; ember's devices are on virtio-mmio (warning)
   --snapshot-version                print the snapshot format version and exit
   --describe-snapshot FILE          print the format version of a snapshot file and exit
+  --profile-boot FILE               profile the guest's boot: top functions to FILE, folded stacks to FILE.folded
+  --profile-boot-hz N               samples per second of the boot vCPU (1-10000, default 997)
+  --profile-boot-until MARKER|SECONDS  stop at this console text, or after SECONDS (default: when the VM stops; 600 s at most)
+  --profile-boot-symbols VMLINUX    name samples with this ELF's symbols (default: the kernel image's, if an ELF)
+  --profile-boot-stacks             walk the guest's frame pointers (a kernel built with CONFIG_FRAME_POINTER)
   --version                         print the version and exit
   --help                            print this help and exit
 
@@ -108,6 +113,8 @@ pub struct Args {
     /// Started with Firecracker's jailer command line (`cli::jailer_invocation`):
     /// `--version` and `--help` answer as the jailer does.
     pub jailer_form: bool,
+    /// `--profile-boot*` (src/profile): the profile asked for, checked by `parse`.
+    pub profile: Option<crate::profile::ProfileOptions>,
 }
 
 /// Flags that may be given more than once.
@@ -135,6 +142,49 @@ pub enum ArgError {
     ConfigAndRestore,
 }
 
+/// The `--profile-boot*` flags as given, before they are checked together.
+#[derive(Default)]
+struct ProfileFlags {
+    out: Option<PathBuf>,
+    hz: Option<u32>,
+    until: Option<crate::profile::Until>,
+    symbols: Option<PathBuf>,
+    stacks: bool,
+}
+
+impl ProfileFlags {
+    fn finish(self) -> Result<Option<crate::profile::ProfileOptions>, ArgError> {
+        let Some(out) = self.out else {
+            let stray = [
+                ("--profile-boot-hz", self.hz.is_some()),
+                ("--profile-boot-until", self.until.is_some()),
+                ("--profile-boot-symbols", self.symbols.is_some()),
+                ("--profile-boot-stacks", self.stacks),
+            ];
+            if let Some((flag, _)) = stray.iter().find(|(_, given)| *given) {
+                return Err(ArgError::Invalid {
+                    flag: flag.to_string(),
+                    why: "needs --profile-boot FILE".into(),
+                });
+            }
+            return Ok(None);
+        };
+        if out.as_os_str().is_empty() {
+            return Err(ArgError::Invalid {
+                flag: "--profile-boot".into(),
+                why: "needs a file name".into(),
+            });
+        }
+        Ok(Some(crate::profile::ProfileOptions {
+            out,
+            hz: self.hz.unwrap_or(crate::profile::DEFAULT_HZ),
+            until: self.until.unwrap_or(crate::profile::Until::Stop),
+            symbols: self.symbols,
+            stacks: self.stacks,
+        }))
+    }
+}
+
 /// Checks an instance id: 1-64 characters, ASCII letters, digits and hyphens.
 pub fn valid_id(id: &str) -> bool {
     (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -142,6 +192,7 @@ pub fn valid_id(id: &str) -> bool {
 
 pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, ArgError> {
     let mut a = Args::default();
+    let mut profile = ProfileFlags::default();
     let mut seen = std::collections::HashSet::new();
     let mut it = argv.into_iter();
     while let Some(arg) = it.next() {
@@ -228,9 +279,29 @@ pub fn parse<I: IntoIterator<Item = String>>(argv: I) -> Result<Args, ArgError> 
             "--daemonize" => switch(&mut a.daemonize)?,
             "--no-seccomp" => switch(&mut a.no_seccomp)?,
             "--seccomp-filter" => a.seccomp_filter = Some(value(&mut it)?.into()),
+            "--profile-boot" => profile.out = Some(value(&mut it)?.into()),
+            "--profile-boot-hz" => {
+                let v = value(&mut it)?;
+                let hz = crate::profile::parse_hz(&v).map_err(|why| ArgError::Invalid {
+                    flag: flag.clone(),
+                    why,
+                })?;
+                profile.hz = Some(hz);
+            }
+            "--profile-boot-until" => {
+                let v = value(&mut it)?;
+                let until = crate::profile::parse_until(&v).map_err(|why| ArgError::Invalid {
+                    flag: flag.clone(),
+                    why,
+                })?;
+                profile.until = Some(until);
+            }
+            "--profile-boot-symbols" => profile.symbols = Some(value(&mut it)?.into()),
+            "--profile-boot-stacks" => switch(&mut profile.stacks)?,
             _ => return Err(ArgError::Unknown(arg)),
         }
     }
+    a.profile = profile.finish()?;
     let informational = a.help || a.version || a.snapshot_version || a.describe_snapshot.is_some();
     if a.no_api && a.config_file.is_none() && a.restore.is_none() && !informational {
         return Err(ArgError::NoApiWithoutConfig);

@@ -1,7 +1,7 @@
 //! Applies `Action`s on the VMM thread: the pre-boot configuration, InstanceStart, and
 //! the running VM's controls. The API and the config file both come through here.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::action::{Action, ActionError, ActionOk, ActionResult};
 use crate::builder;
@@ -48,6 +48,11 @@ pub struct Controller {
     pub path_aliases: Vec<(String, String)>,
     /// The metadata store: the API's, and the MMDS-enabled interfaces' once started.
     pub mmds: SharedMmds,
+    /// `--profile-boot`: set up at start, taken by InstanceStart.
+    pub profile: Option<crate::profile::ProfileSetup>,
+    /// The running boot profile, finished (its report written) at shutdown if no marker
+    /// or time limit ended it before.
+    profiler: Option<Arc<Mutex<crate::profile::BootProfiler>>>,
 }
 
 /// Firecracker opens the files a PUT names when it is applied, so a wrong path fails that
@@ -103,6 +108,8 @@ impl Controller {
             boot_timer,
             path_aliases: Vec::new(),
             mmds: Mmds::shared(crate::api::DEFAULT_MAX_PAYLOAD),
+            profile: None,
+            profiler: None,
         }
     }
 
@@ -110,6 +117,11 @@ impl Controller {
     pub fn shutdown(&mut self) {
         if let Some(vmm) = &self.vmm {
             vmm.flush();
+        }
+        if let Some(p) = &self.profiler {
+            p.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .finish("the VM stopped");
         }
         crate::devices::serial::restore_terminal();
     }
@@ -167,6 +179,18 @@ impl Controller {
         // here, with no guest running.
         crate::seccomp::check().map_err(seccomp_error)?;
         crate::devices::serial::stdin_raw_mode();
+        if let (Some(setup), Some(boot_vcpu)) = (self.profile.take(), built.controls.first()) {
+            let p = crate::profile::BootProfiler::new(
+                setup,
+                &self.config.boot_source.kernel_image_path,
+                built.mem.clone(),
+                boot_vcpu.clone(),
+            )?;
+            let p = Arc::new(Mutex::new(p));
+            let sub: crate::vmm::Subscriber = p.clone();
+            event_manager::SubscriberOps::add_subscriber(event_loop, sub);
+            self.profiler = Some(p);
+        }
         let vmm = Vmm::start(built, event_loop).map_err(builder::BuildError::Io)?;
         self.vmm = Some(vmm);
         self.state = State::Running;

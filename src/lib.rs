@@ -14,6 +14,7 @@ pub mod jail;
 pub mod logger;
 pub mod metrics;
 pub mod mmds;
+pub mod profile;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;

@@ -36,6 +36,9 @@ enum StartError {
     },
     #[error("{0}")]
     MetricsPath(std::io::Error),
+    /// `--profile-boot`'s output or `--profile-boot-symbols` is unusable.
+    #[error("{0}")]
+    Profile(String),
     #[error("cannot read config file {}: {source}", path.display())]
     ReadConfig {
         path: PathBuf,
@@ -82,7 +85,8 @@ impl StartError {
             StartError::Args(_)
             | StartError::Level
             | StartError::LogFile { .. }
-            | StartError::MetricsPath(_) => exit_code::ARG_PARSING,
+            | StartError::MetricsPath(_)
+            | StartError::Profile(_) => exit_code::ARG_PARSING,
             StartError::ReadConfig { .. }
             | StartError::Config { .. }
             | StartError::ConfigOutput(_)
@@ -110,6 +114,7 @@ impl StartError {
                 | StartError::Level
                 | StartError::LogFile { .. }
                 | StartError::MetricsPath(_)
+                | StartError::Profile(_)
         )
     }
 }
@@ -285,6 +290,20 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
         print!("{}", describe_text(&d));
         return Ok(exit_code::OK);
     }
+    // Before anything starts: a profile's output files and symbols, so that a bad path
+    // fails at once, and the files are open before any seccomp filter applies.
+    let profile = args
+        .profile
+        .clone()
+        .map(ember::profile::ProfileSetup::new)
+        .transpose()
+        .map_err(StartError::Profile)?;
+    if profile.is_some() && args.restore.is_some() {
+        return Err(StartError::Profile(
+            "--profile-boot profiles a boot, not a restored snapshot: use it without --restore"
+                .into(),
+        ));
+    }
     let jail_args = jail::JailArgs::from_cli(&args)?;
     let mut jail_guard = None;
     // Firecracker's jailer form: the engine prepared the jail root (kernel, drives, the
@@ -345,6 +364,7 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
         args.boot_timer,
     );
     controller.path_aliases = path_aliases;
+    controller.profile = profile;
     controller.mmds = read_metadata_into_store(&args, metadata)?;
     // The API thread, unless --no-api: it only parses and forwards actions to this thread.
     let api = if args.no_api {

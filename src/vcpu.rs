@@ -2,7 +2,7 @@
 //! state machine driven by the VMM thread.
 
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -206,6 +206,8 @@ pub struct VcpuControl {
     run_page: AtomicPtr<kvm_run>,
     thread: Mutex<Option<libc::pthread_t>>,
     pub started: AtomicBool,
+    /// The boot profiler's sampler, on the boot vCPU when `--profile-boot` is given.
+    sampler: OnceLock<Arc<crate::profile::Sampler>>,
 }
 
 /// The signal that kicks a vCPU out of KVM_RUN.
@@ -238,6 +240,7 @@ impl Default for VcpuControl {
             run_page: AtomicPtr::new(std::ptr::null_mut()),
             thread: Mutex::new(None),
             started: AtomicBool::new(false),
+            sampler: OnceLock::new(),
         }
     }
 }
@@ -278,6 +281,16 @@ impl VcpuControl {
         g.2 = Some(task);
         self.cv.notify_all();
         Ok(())
+    }
+
+    /// Gives this vCPU a profile sampler (before its thread starts).
+    pub fn set_sampler(&self, s: Arc<crate::profile::Sampler>) {
+        let _ = self.sampler.set(s);
+    }
+
+    /// Kicks the vCPU out of KVM_RUN so that it takes the sample its sampler wants.
+    pub fn kick_for_sample(&self) {
+        self.kick();
     }
 
     fn kick(&self) {
@@ -395,6 +408,11 @@ impl Vcpu {
                     rip: None,
                 }),
             };
+            // A profile sample, when the VMM thread's timer asked for one: taken here, on
+            // the thread that owns the vCPU fd, between two KVM_RUNs.
+            if let Some(s) = self.control.sampler.get() {
+                s.take_if_pending(&self.fd);
+            }
             match action {
                 ExitAction::Continue => {}
                 ExitAction::Interrupted => {

@@ -157,12 +157,14 @@ impl AsRawFd for ConsoleOut {
     }
 }
 
-/// Output wrapper recording the first byte's time (the boot timeline's "first serial output").
+/// Output wrapper recording the first byte's time (the boot timeline's "first serial
+/// output") and feeding the boot profiler's marker watch.
 pub struct TimedOut(pub ConsoleOut);
 
 impl Write for TimedOut {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         crate::metrics::timeline_mark_once(&METRICS.boot_timeline_us.first_serial_output);
+        crate::profile::serial_output(buf);
         self.0.write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {

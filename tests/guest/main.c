@@ -31,6 +31,9 @@
 #define MODE_BALLOON (1u << 13)
 #define MODE_SNAP (1u << 14)
 #define MODE_CPUID (1u << 15)
+#define MODE_PROFILE (1u << 16)
+/* How long the profile mode spins in profile_hot. */
+#define PROFILE_MS 1500
 
 /* Where no device lives in ember: an I/O port (QEMU's fw_cfg, absent in ember) and a
  * page inside the MMIO gap above the virtio windows. Both must read as all ones. */
@@ -99,7 +102,7 @@ static unsigned parse_modes(void)
 		{"flood", MODE_FLOOD}, {"blkbench", MODE_BLKBENCH}, {"netbench", MODE_NETBENCH},
 		{"hostile", MODE_HOSTILE}, {"vsock", MODE_VSOCK},
 		{"mmds", MODE_MMDS}, {"rng", MODE_RNG}, {"balloon", MODE_BALLOON},
-		{"snap", MODE_SNAP}, {"cpuid", MODE_CPUID},
+		{"snap", MODE_SNAP}, {"cpuid", MODE_CPUID}, {"profile", MODE_PROFILE},
 	};
 	unsigned modes = 0;
 	const char *p = NULL;
@@ -385,6 +388,32 @@ void i8042_poll(unsigned *matched)
 }
 
 /* Never returns: ticks every ~50 ms and echoes i8042 bytes until Ctrl-Alt-Del. */
+/* profile: a known hot spot for the boot profiler's test (tests/profile.rs). Out of line
+ * and not tail calls, so that a frame-pointer walk sees profile_outer -> profile_hot. */
+volatile uint64_t profile_sink;
+
+__attribute__((noinline)) void profile_hot(uint64_t until)
+{
+	uint64_t x = 1;
+	while (rdtsc() < until)
+		for (int i = 0; i < 1000; i++)
+			x = x * 6364136223846793005ull + 1442695040888963407ull;
+	profile_sink = x;
+}
+
+__attribute__((noinline)) void profile_outer(uint64_t until)
+{
+	profile_hot(until);
+	profile_sink++;
+}
+
+static void profile_run(void)
+{
+	puts_serial("profile: start\n");
+	profile_outer(rdtsc() + tsc_hz() / 1000 * PROFILE_MS);
+	puts_serial("profile: done\n");
+}
+
 static void counter_loop(void) __attribute__((noreturn));
 static void counter_loop(void)
 {
@@ -477,6 +506,8 @@ void guest_main(const uint8_t *boot_params)
 		virtio_for_each(cmdline, 1, "mmds", mmds_test);
 	if (modes & MODE_VSOCK)
 		virtio_for_each(cmdline, 19, "vsock", vsock_run);
+	if (modes & MODE_PROFILE)
+		profile_run();
 	if (modes & MODE_COUNTER)
 		counter_loop();
 	if (modes & MODE_SNAP) {
