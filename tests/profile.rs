@@ -15,6 +15,7 @@ fn table_rows(table: &str) -> Vec<(u64, u64, String)> {
         .lines()
         .filter(|l| !l.starts_with('#'))
         .skip(1)
+        .take_while(|l| !l.is_empty())
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             assert_eq!(f.len(), 5, "table row `{l}`");
@@ -102,6 +103,16 @@ fn samples_land_in_the_hot_function_with_its_callers() {
         assert!(*total >= hot_stacks, "{table}");
     }
     assert!(o.stderr.contains("boot profile: "), "{}", o.stderr);
+    // The hottest instructions, as addresses with function+offset.
+    let insns = table
+        .split("instruction\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{table}"));
+    let first = insns.lines().next().unwrap();
+    assert!(
+        first.contains(" 0x10") && first.contains("profile_hot+0x"),
+        "{table}"
+    );
 }
 
 #[test]

@@ -42,8 +42,9 @@ pub const MAX_HZ: u32 = 10_000;
 pub const MAX_SECONDS: f64 = 600.0;
 /// Distinct stacks kept; further new ones are counted as dropped (bounded memory).
 const MAX_STACKS: usize = 1 << 17;
-/// Rows in the top-functions table.
+/// Rows in the top-functions table, and in the top-instructions table under it.
 const TOP_ROWS: usize = 40;
+const TOP_INSTRUCTIONS: usize = 20;
 const MAX_MARKER: usize = 256;
 
 /// When sampling ends (besides the VM stopping and MAX_SECONDS).
@@ -559,6 +560,24 @@ impl Report<'_> {
         for (name, n) in rows.iter().take(TOP_ROWS) {
             let t = total.get(name).copied().unwrap_or(*n);
             out += &format!("{n:>8} {:>5.1}% {t:>8} {:>5.1}%  {name}\n", pct(*n), pct(t));
+        }
+        // Where inside the functions: the hottest sampled instructions, as function+offset
+        // (what to look at in `objdump -d` of the image).
+        let mut leaves: HashMap<u64, u64> = HashMap::new();
+        for (stack, n) in self.stacks {
+            if let Some(a) = stack.first() {
+                *leaves.entry(*a).or_default() += n;
+            }
+        }
+        let mut leaves: Vec<_> = leaves.into_iter().collect();
+        leaves.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        out += &format!("\n{:>8} {:>6}  instruction\n", "samples", "%");
+        for (addr, n) in leaves.iter().take(TOP_INSTRUCTIONS) {
+            let at = match self.symbols.and_then(|s| s.lookup_offset(*addr)) {
+                Some((name, off)) => format!("{name}+{off:#x}"),
+                None => String::new(),
+            };
+            out += &format!("{n:>8} {:>5.1}%  {addr:#x} {at}\n", pct(*n));
         }
         out
     }

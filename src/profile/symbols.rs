@@ -186,6 +186,11 @@ impl Symbols {
     /// The function containing `addr`: the nearest symbol at or below it, if `addr` lies
     /// within its size (or, for a symbol without a size, before the next symbol).
     pub fn lookup(&self, addr: u64) -> Option<&str> {
+        self.lookup_offset(addr).map(|(name, _)| name)
+    }
+
+    /// As `lookup`, with `addr`'s offset into the function.
+    pub fn lookup_offset(&self, addr: u64) -> Option<(&str, u64)> {
         let i = self.funcs.partition_point(|s| s.0 <= addr).checked_sub(1)?;
         let (start, size, name) = self.funcs.get(i)?;
         let inside = if *size > 0 {
@@ -194,7 +199,7 @@ impl Symbols {
             // Unsized labels: only up to the next symbol, and at most a page on.
             addr - start < 4096
         };
-        inside.then_some(name.as_str())
+        inside.then_some((name.as_str(), addr - start))
     }
 }
 
