@@ -222,30 +222,48 @@ struct MarkerWatch {
     seen: bool,
 }
 
+impl MarkerWatch {
+    fn new(needle: &[u8], evt: EventFd) -> MarkerWatch {
+        MarkerWatch {
+            needle: needle.to_vec(),
+            window: Vec::with_capacity(needle.len()),
+            evt,
+            seen: false,
+        }
+    }
+
+    /// Feeds console bytes; on the first match, writes the eventfd. True once matched.
+    fn feed(&mut self, buf: &[u8]) -> bool {
+        for &b in buf {
+            if self.seen {
+                break;
+            }
+            if self.window.len() == self.needle.len() {
+                self.window.remove(0);
+            }
+            self.window.push(b);
+            if self.window == self.needle {
+                self.seen = true;
+                let _ = self.evt.write(1);
+            }
+        }
+        self.seen
+    }
+}
+
 static WATCHING: AtomicBool = AtomicBool::new(false);
 static WATCH: Mutex<Option<MarkerWatch>> = Mutex::new(None);
 
-/// Console output, from the UART: feeds the marker watch when one is set.
+/// Console output, from the UART: feeds the marker watch when one is set. One VM per
+/// process, so one watch.
 pub fn serial_output(buf: &[u8]) {
     if !WATCHING.load(Ordering::Relaxed) {
         return;
     }
     let mut g = WATCH.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(w) = g.as_mut() else { return };
-    for &b in buf {
-        if w.seen {
-            break;
-        }
-        if w.window.len() == w.needle.len() {
-            w.window.remove(0);
-        }
-        w.window.push(b);
-        if w.window == w.needle {
-            w.seen = true;
-            let _ = w.evt.write(1);
-        }
-    }
-    if w.seen {
+    if let Some(w) = g.as_mut()
+        && w.feed(buf)
+    {
         WATCHING.store(false, Ordering::Relaxed);
     }
 }
@@ -321,12 +339,8 @@ impl BootProfiler {
         let marker_evt = match &setup.opts.until {
             Until::Marker(m) => {
                 let evt = EventFd::new(EFD_NONBLOCK)?;
-                *WATCH.lock().unwrap_or_else(|p| p.into_inner()) = Some(MarkerWatch {
-                    needle: m.as_bytes().to_vec(),
-                    window: Vec::with_capacity(m.len()),
-                    evt: evt.try_clone()?,
-                    seen: false,
-                });
+                *WATCH.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(MarkerWatch::new(m.as_bytes(), evt.try_clone()?));
                 WATCHING.store(true, Ordering::Relaxed);
                 Some(evt)
             }
@@ -638,18 +652,13 @@ mod tests {
     #[test]
     fn marker_is_found_across_writes() {
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
-        *WATCH.lock().unwrap() = Some(MarkerWatch {
-            needle: b"Mounted root".to_vec(),
-            window: Vec::new(),
-            evt: evt.try_clone().unwrap(),
-            seen: false,
-        });
-        WATCHING.store(true, Ordering::Relaxed);
-        serial_output(b"VFS: Mount");
+        let mut w = MarkerWatch::new(b"Mounted root", evt.try_clone().unwrap());
+        assert!(!w.feed(b"VFS: Mount"));
         assert!(evt.read().is_err());
-        serial_output(b"ed root (ext4)\n");
+        assert!(w.feed(b"ed root (ext4)\n"));
         assert_eq!(evt.read().unwrap(), 1);
-        assert!(!WATCHING.load(Ordering::Relaxed));
-        *WATCH.lock().unwrap() = None;
+        // Once only.
+        assert!(w.feed(b"Mounted root"));
+        assert!(evt.read().is_err());
     }
 }
