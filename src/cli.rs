@@ -35,7 +35,7 @@ Options:
   --snapshot-version                print the snapshot format version and exit
   --describe-snapshot FILE          print the format version of a snapshot file and exit
   --profile-boot FILE               profile the guest's boot: top functions to FILE, folded stacks to FILE.folded
-  --profile-boot-hz N               samples per second of the boot vCPU (1-10000, default 997)
+  --profile-boot-hz N               samples per second of the boot vCPU (1-10000, default 97)
   --profile-boot-until MARKER|SECONDS  stop at this console text, or after SECONDS (default: when the VM stops; 600 s at most)
   --profile-boot-symbols VMLINUX    name samples with this ELF's symbols (default: the kernel image's, if an ELF)
   --profile-boot-stacks             walk the guest's frame pointers (a kernel built with CONFIG_FRAME_POINTER)

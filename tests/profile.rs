@@ -58,6 +58,8 @@ fn samples_land_in_the_hot_function_with_its_callers() {
         &[
             "--profile-boot",
             out.to_str().unwrap(),
+            "--profile-boot-hz",
+            "997",
             "--profile-boot-until",
             "profile: done",
             "--profile-boot-stacks",
@@ -67,11 +69,12 @@ fn samples_land_in_the_hot_function_with_its_callers() {
         T,
     );
     o.assert_ok();
-    assert!(o.has_line("profile: done"), "{o:#?}");
+    assert!(o.stdout.contains("profile: done rounds="), "{o:#?}");
     let table = std::fs::read_to_string(&out).unwrap();
     let folded = std::fs::read_to_string(dir.path("boot.prof.folded")).unwrap();
     assert!(
         table.starts_with("# ember boot profile: ")
+            && table.contains(" at 997 Hz ")
             && table.contains("until marker \"profile: done\""),
         "{table}"
     );

@@ -19,6 +19,7 @@ pub mod walk;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,9 +35,12 @@ use crate::vcpu::VcpuControl;
 use crate::vm::memory::GuestMemory;
 use symbols::Symbols;
 
-/// Default rate: a prime near 1 kHz, so sampling does not run in step with a guest timer
-/// at 100, 250 or 1000 Hz and keep landing in the tick handler.
-pub const DEFAULT_HZ: u32 = 997;
+/// Default rate. Each sample is a vCPU exit, which costs about 0.3 ms of host CPU on the
+/// PVM development hosts (BENCHMARKS.md): 97 Hz keeps that near 10% there, and still
+/// gives thousands of samples over a Linux boot. On hardware KVM an exit costs a few
+/// microseconds and `--profile-boot-hz 997` is cheap. A prime, so sampling does not run
+/// in step with a guest timer at 100, 250 or 1000 Hz and keep landing in its handler.
+pub const DEFAULT_HZ: u32 = 97;
 pub const MAX_HZ: u32 = 10_000;
 /// Sampling never runs longer than this, whatever the stop condition.
 pub const MAX_SECONDS: f64 = 600.0;
@@ -351,6 +355,12 @@ impl BootProfiler {
             _ => Duration::from_secs_f64(MAX_SECONDS),
         };
         let mut timer = TimerFd::new().map_err(std::io::Error::from)?;
+        // Non-blocking: a tick epoll reported in the same batch as the marker finds the
+        // timer disarmed by `finish`, and a blocking read would then never return.
+        // SAFETY: fcntl on a descriptor the TimerFd owns; the result is checked.
+        if unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         let period = Duration::from_nanos(1_000_000_000 / u64::from(setup.opts.hz.max(1)));
         timer
             .reset(period, Some(period))
@@ -372,7 +382,11 @@ impl BootProfiler {
 
     fn tick(&mut self) {
         // Expirations since the last read: more than one means the VMM thread was late.
-        let n = self.timer.wait().unwrap_or(1);
+        // None (EAGAIN) once `finish` has disarmed the timer.
+        let Ok(n) = self.timer.wait() else { return };
+        if self.setup.is_none() || n == 0 {
+            return;
+        }
         self.ticks += n;
         self.missed += n.saturating_sub(1);
         if self.started.elapsed() >= self.limit {
