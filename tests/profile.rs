@@ -206,3 +206,75 @@ fn bad_profile_flags_are_clear_errors() {
         );
     }
 }
+
+/// A bzImage has no symbol table: the log says so and the samples are raw addresses. With
+/// `--profile-boot-symbols` naming the matching vmlinux, that file's symbols are loaded.
+/// The VM runs on after its 2-second profile and is killed.
+#[test]
+fn a_bzimage_gives_raw_addresses_unless_a_vmlinux_is_named() {
+    let Some(bz) = std::env::var("EMBER_BZIMAGE")
+        .ok()
+        .filter(|v| !v.is_empty())
+    else {
+        skip(
+            "profile bzImage",
+            "EMBER_BZIMAGE not set (tools/test sets it from tools/build-guest)",
+        );
+        return;
+    };
+    let vmlinux = std::env::var("EMBER_VMLINUX")
+        .ok()
+        .filter(|v| !v.is_empty());
+    let dir = TempDir::new("profile-bz");
+    let cfg = dir.path("vm.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{bz}", "boot_args": "console=ttyS0"}},
+                "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}}}}"#
+        ),
+    )
+    .unwrap();
+    let mut runs = vec![(dir.path("raw"), None)];
+    if let Some(v) = &vmlinux {
+        runs.push((dir.path("named"), Some(v.clone())));
+    }
+    for (out, symbols) in runs {
+        let mut args = vec![
+            "--no-api".to_string(),
+            "--config-file".into(),
+            cfg.to_str().unwrap().into(),
+            "--profile-boot".into(),
+            out.to_str().unwrap().into(),
+            "--profile-boot-until".into(),
+            "2".into(),
+            "--level".into(),
+            "Info".into(),
+        ];
+        if let Some(s) = &symbols {
+            args.extend(["--profile-boot-symbols".into(), s.clone()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = spawn(&args);
+        let written = wait_for(Duration::from_secs(60), Duration::from_millis(100), || {
+            std::fs::read_to_string(&out).is_ok_and(|t| t.contains("function\n"))
+        });
+        send_signal(&child, libc::SIGTERM);
+        let o = wait(child, T);
+        assert!(written, "no profile within 60 s: {o:#?}");
+        let table = std::fs::read_to_string(&out).unwrap();
+        assert!(table.contains("until time limit 2.0 s"), "{table}");
+        match &symbols {
+            None => {
+                assert!(table.contains("is no ELF image (a bzImage?)"), "{table}");
+                assert!(o.stderr.contains("--profile-boot-symbols"), "{}", o.stderr);
+                let folded = std::fs::read_to_string(format!("{}.folded", out.display())).unwrap();
+                assert!(
+                    folded.lines().all(|l| l.starts_with("0x")),
+                    "raw addresses expected: {folded}"
+                );
+            }
+            Some(v) => assert!(table.contains(&format!("symbols from {v} (")), "{table}"),
+        }
+    }
+}
