@@ -180,7 +180,11 @@ impl Sampler {
 
     /// Called by the vCPU thread after each exit: takes the sample if one is wanted.
     pub fn take_if_pending(&self, fd: &VcpuFd) {
-        if !self.pending.swap(false, Ordering::AcqRel) || !self.active.load(Ordering::Acquire) {
+        // A plain load first: this runs after every exit, and most exits want no sample.
+        if !self.pending.load(Ordering::Acquire)
+            || !self.pending.swap(false, Ordering::AcqRel)
+            || !self.active.load(Ordering::Acquire)
+        {
             return;
         }
         let t0 = Instant::now();
