@@ -156,10 +156,11 @@ fn hostile_driver_on(engine: &str) {
     assert_eq!(verdict(&o, "qsize") & NEEDS_RESET, NEEDS_RESET);
     assert!(counter(&m, "virtio", "bad_queue_configs") >= 4, "{m}");
     assert!(counter(&m, "virtio", "needs_reset") >= 3, "{m}");
-    // A notify storm: the one request completes once; every notify is counted.
+    // A notify storm: the one request completes once; the notifies are counted (those
+    // still pending in the ioeventfd when the VM stops may not be, seen on a loaded host).
     assert_eq!(field(&o, "hostile: storm used=", "used"), "1");
     assert_eq!(field(&o, "hostile: storm used=", "req"), "0");
-    assert!(counter(&m, "virtio", "queue_notifies") >= 10_000, "{m}");
+    assert!(counter(&m, "virtio", "queue_notifies") >= 9_000, "{m}");
     assert!(counter(&m, "virtio", "bad_notifies") >= 1_000, "{m}");
     // Every MMIO offset at every size, and config reads past its end.
     assert!(counter(&m, "virtio", "bad_register_accesses") >= 900, "{m}");
