@@ -27,6 +27,7 @@ use common::*;
 const LINUX_TIMEOUT: Duration = Duration::from_secs(900);
 const ROOT_MOUNTED: &str = "VFS: Mounted root (ext4 filesystem) on device";
 const RUN_INIT: &str = "Run /sbin/init as init process";
+const INIT_DRIVERS: &str = "ember-guest-init: virtio drivers:";
 const INIT_OK: &str = "ember-guest-init: ok";
 const INIT_MOUNTED: &str = "ember-guest-init: mounted /proc /sys";
 const INIT_WROTE: &str = "ember-guest-init: wrote /ember-init.done";
@@ -224,11 +225,15 @@ fn boot_linux(
     std::fs::copy(rootfs, &image).expect("copy rootfs");
     let before = ext4_mount_time(&image);
     let net = with_net.then(|| DhcpNet::new(&dir));
+    // With a network, vsock and entropy devices too: init lists the drivers that bound.
     let ifaces = match &net {
         Some(n) => format!(
             r#", "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "{}",
-                                         "guest_mac": "{GUEST_MAC}"}}]"#,
-            n.tap
+                                         "guest_mac": "{GUEST_MAC}"}}],
+                 "vsock": {{"guest_cid": 3, "uds_path": "{}"}},
+                 "entropy": {{}}"#,
+            n.tap,
+            dir.path("v.sock").display()
         ),
         None => String::new(),
     };
@@ -377,6 +382,26 @@ fn stripped_vmlinux_runs_init_with_dhcp_and_writes_its_root() {
     let Some(b) = vmlinux_boot() else { return };
     let net_line = format!("ember-guest-init: eth0 {GUEST_ADDR}/24 by dhcp");
     check_boot(b, &net_line);
+    // The guest kernel probed every device of the config: vsock's transport and the
+    // entropy device (as a hwrng) included.
+    b.assert_in_order(&[INIT_MOUNTED, INIT_DRIVERS, &net_line]);
+    let drivers = b
+        .lines
+        .iter()
+        .find(|(_, l)| l.contains(INIT_DRIVERS))
+        .map(|(_, l)| l.as_str())
+        .unwrap_or_default();
+    for d in [
+        "virtio_blk",
+        "virtio_net",
+        "virtio_rng",
+        "vmw_vsock_virtio_transport",
+    ] {
+        assert!(
+            drivers.split_whitespace().any(|w| w == d),
+            "{d} bound no device: {drivers}"
+        );
+    }
     let log = b.dnsmasq_log.as_deref().unwrap_or("");
     assert!(
         log.lines()
