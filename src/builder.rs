@@ -187,7 +187,7 @@ pub fn build(
     let (vcpus, controls) = create_vcpus(
         &kvm,
         &vm,
-        mc.vcpu_count,
+        (mc.vcpu_count, mc.smt),
         &kernel,
         &devices,
         &exit,
@@ -351,7 +351,7 @@ fn write_boot_data(
 fn create_vcpus(
     kvm: &Kvm,
     vm: &VmFd,
-    vcpu_count: u8,
+    (vcpu_count, smt): (u8, bool),
     kernel: &boot::LoadedKernel,
     devices: &DeviceManager,
     exit: &Arc<ExitSignal>,
@@ -379,6 +379,7 @@ fn create_vcpus(
                 cpu_count: vcpu_count,
                 tsc_deadline,
                 pvm_host: pvm,
+                smt,
             },
         );
         fd.set_cpuid2(&cpuid).map_err(|e| match template {

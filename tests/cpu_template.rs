@@ -545,3 +545,34 @@ fn restored_vm_keeps_its_template() {
         }
     }
 }
+
+/// `machine-config.smt` as Firecracker accepts it: two vCPUs become two threads of one
+/// core in the topology leaf the guest reads; an odd count above one is refused.
+#[test]
+fn smt_pairs_two_vcpus_on_one_core() {
+    let cfg = |vcpus: u8| {
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "console=ttyS0 {ARGS}"}},
+                "machine-config": {{"vcpu_count": {vcpus}, "mem_size_mib": 64, "smt": true}}}}"#,
+            guest()
+        )
+    };
+    let out = run_config(&cfg(2), &[], T);
+    out.assert_ok();
+    let got = parse_cpuid(&out.stdout);
+    let smt = got
+        .get(&(0xb, 0))
+        .unwrap_or_else(|| panic!("no leaf 0xb in {got:x?}"));
+    assert_eq!((smt[0], smt[1]), (1, 2), "leaf 0xb level 0 (SMT): {smt:x?}");
+    // Leaf 1: two logical processors in the package.
+    let leaf1 = got.get(&(1, 0)).copied().unwrap_or_default();
+    assert_eq!((leaf1[1] >> 16) & 0xff, 2, "leaf 1: {leaf1:x?}");
+    let out = run_config(&cfg(3), &[], T);
+    assert_eq!(out.code, Some(152), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("vcpu_count must be 1 or an even number when smt is true, got 3"),
+        "{}",
+        out.stderr
+    );
+}

@@ -107,8 +107,8 @@ pub enum MachineConfigError {
     VcpuCount(u8),
     #[error("mem_size_mib must be at least 1, got 0")]
     MemSize,
-    #[error("smt is not supported by ember; set it to false or leave it out")]
-    Smt,
+    #[error("vcpu_count must be 1 or an even number when smt is true, got {0}")]
+    Smt(u8),
     #[error("mem_size_mib must be a multiple of {unit} with huge_pages \"{pages}\", got {mem}")]
     MemSizeForPages {
         mem: usize,
@@ -130,8 +130,8 @@ impl MachineConfig {
         if self.mem_size_mib == 0 {
             return Err(MachineConfigError::MemSize);
         }
-        if self.smt {
-            return Err(MachineConfigError::Smt);
+        if self.smt && self.vcpu_count > 1 && !self.vcpu_count.is_multiple_of(2) {
+            return Err(MachineConfigError::Smt(self.vcpu_count));
         }
         let unit = self.huge_pages.mem_size_unit_mib();
         if !self.mem_size_mib.is_multiple_of(unit) {
@@ -237,8 +237,8 @@ mod tests {
                 "mem_size_mib must be at least 1",
             ),
             (
-                r#"{"vcpu_count": 2, "mem_size_mib": 1, "smt": true}"#,
-                "smt is not supported",
+                r#"{"vcpu_count": 5, "mem_size_mib": 1, "smt": true}"#,
+                "vcpu_count must be 1 or an even number when smt is true, got 5",
             ),
             (
                 r#"{"vcpu_count": 1, "mem_size_mib": 1, "cpu_template": "T3"}"#,
@@ -286,8 +286,14 @@ mod tests {
         );
         let u: MachineConfigUpdate = serde_json::from_str(r#"{"vcpu_count": 40}"#).unwrap();
         assert_eq!(u.apply(&c).unwrap_err(), MachineConfigError::VcpuCount(40));
+        let u: MachineConfigUpdate =
+            serde_json::from_str(r#"{"smt": true, "vcpu_count": 3}"#).unwrap();
+        assert_eq!(u.apply(&c).unwrap_err(), MachineConfigError::Smt(3));
         let u: MachineConfigUpdate = serde_json::from_str(r#"{"smt": true}"#).unwrap();
-        assert_eq!(u.apply(&c).unwrap_err(), MachineConfigError::Smt);
+        assert!(
+            u.apply(&c).unwrap().smt,
+            "smt with 4 vCPUs, as Firecracker accepts it"
+        );
         let u: MachineConfigUpdate = serde_json::from_str("{}").unwrap();
         assert!(u.is_empty());
         assert_eq!(u.apply(&c).unwrap(), c);

@@ -566,8 +566,8 @@ mod tests {
                 "machine-config.vcpu_count must be between 1 and 32, got 33",
             ),
             (
-                r#""machine-config": {"vcpu_count": 2, "mem_size_mib": 128, "smt": true}"#,
-                "machine-config.smt is not supported by ember",
+                r#""machine-config": {"vcpu_count": 3, "mem_size_mib": 128, "smt": true}"#,
+                "machine-config.vcpu_count must be 1 or an even number when smt is true, got 3",
             ),
             (
                 r#""machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "C4"}"#,

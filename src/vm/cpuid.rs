@@ -12,6 +12,9 @@ pub struct CpuidParams {
     pub tsc_deadline: bool,
     /// The host is a PVM host: hide what its instruction emulation cannot run.
     pub pvm_host: bool,
+    /// `machine-config.smt`: two threads per core (vCPU pairs share a core), as
+    /// Firecracker describes it; otherwise one thread per core.
+    pub smt: bool,
 }
 
 // Leaf 1 ECX.
@@ -46,6 +49,9 @@ pub const PVM_MASKS: &str = "XSAVE/OSXSAVE/AVX, POPCNT, SMAP";
 fn adjust_entry(e: &mut kvm_cpuid_entry2, p: CpuidParams) {
     let apic_id = u32::from(p.cpu_index);
     let count = u32::from(p.cpu_count);
+    // Firecracker's SMT: two threads per core when there is more than one vCPU.
+    let smt = p.smt && count > 1;
+    let threads: u32 = if smt { 2 } else { 1 };
     match e.function {
         1 => {
             // EBX: initial APIC ID in 31:24, logical processor count in 23:16, CLFLUSH
@@ -65,11 +71,16 @@ fn adjust_entry(e: &mut kvm_cpuid_entry2, p: CpuidParams) {
         }
         4 => {
             // Deterministic cache parameters: cores per package in 31:26 (minus one);
-            // threads sharing the cache in 25:14: one (no SMT).
+            // threads sharing the cache in 25:14 (minus one): the core's threads for the
+            // per-core levels 1 and 2, every vCPU for the others.
+            let level = (e.eax >> 5) & 7;
             e.eax &= 0x3fff;
-            if count > 1 {
-                e.eax |= (count - 1) << 26;
+            let cores = if smt { count.div_ceil(2) } else { count };
+            if cores > 1 {
+                e.eax |= (cores - 1) << 26;
             }
+            let sharing = if level <= 2 { threads } else { count };
+            e.eax |= (sharing.saturating_sub(1) & 0xfff) << 14;
         }
         6 => {
             // No power management for the guest, but ARAT (the LAPIC timer keeps running
@@ -89,12 +100,13 @@ fn adjust_entry(e: &mut kvm_cpuid_entry2, p: CpuidParams) {
             e.edx = 0;
         }
         0xb | 0x1f => {
-            // Extended topology: one thread per core, `count` cores per package.
+            // Extended topology: `threads` per core, `count` logical processors per
+            // package.
             e.edx = apic_id;
             match e.index {
                 0 => {
-                    e.eax = 0;
-                    e.ebx = 1;
+                    e.eax = u32::from(smt); // x2APIC ID bits of the thread
+                    e.ebx = threads;
                     e.ecx = 1 << 8; // level 0, type SMT
                 }
                 1 => {
@@ -116,6 +128,10 @@ fn adjust_entry(e: &mut kvm_cpuid_entry2, p: CpuidParams) {
             e.ebx = 0;
             e.ecx = 0;
             e.edx = 0;
+        }
+        0x8000_001e => {
+            // AMD: threads per core (minus one) in EBX 15:8, the compute unit in 7:0.
+            e.ebx = (e.ebx & !0xffff) | ((threads - 1) << 8) | ((apic_id / threads) & 0xff);
         }
         0x8000_0001 if p.pvm_host => {
             // ABM (LZCNT), a POPCNT sibling the same emulation path fails on.
@@ -143,7 +159,39 @@ mod tests {
             cpu_count: n,
             tsc_deadline: true,
             pvm_host: true,
+            smt: false,
         }
+    }
+
+    #[test]
+    fn smt_pairs_vcpus_on_cores() {
+        let smt = |i, n| CpuidParams {
+            smt: true,
+            ..params(i, n)
+        };
+        let mut e = leaf(0xb, 0);
+        adjust_entry(&mut e, smt(3, 4));
+        assert_eq!((e.eax, e.ebx, e.edx), (1, 2, 3));
+        let mut e = leaf(0xb, 1);
+        adjust_entry(&mut e, smt(3, 4));
+        assert_eq!(e.ebx, 4);
+        let mut e = leaf(4, 0);
+        e.eax = 1 << 5; // L1
+        adjust_entry(&mut e, smt(0, 4));
+        assert_eq!((e.eax >> 14) & 0xfff, 1, "two threads share L1");
+        assert_eq!(e.eax >> 26, 1, "two cores");
+        let mut e = leaf(0x8000_001e, 0);
+        adjust_entry(&mut e, smt(3, 4));
+        assert_eq!((e.ebx >> 8) & 0xff, 1);
+        assert_eq!(e.ebx & 0xff, 1);
+        // One vCPU: no sibling to pair with, as Firecracker does it.
+        let mut e = leaf(0xb, 0);
+        adjust_entry(&mut e, smt(0, 1));
+        assert_eq!((e.eax, e.ebx), (0, 1));
+        // Without SMT: one thread per core.
+        let mut e = leaf(0xb, 0);
+        adjust_entry(&mut e, params(1, 4));
+        assert_eq!((e.eax, e.ebx), (0, 1));
     }
 
     #[test]

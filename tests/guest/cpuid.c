@@ -5,7 +5,7 @@
 static const struct {
 	uint32_t leaf, subleaf;
 } leaves[] = {
-	{0, 0}, {1, 0}, {7, 0}, {0xd, 0}, {0xd, 1}, {0x80000001, 0}, {0x80000008, 0},
+	{0, 0}, {1, 0}, {7, 0}, {0xb, 0}, {0xb, 1}, {0xd, 0}, {0xd, 1}, {0x80000001, 0}, {0x80000008, 0},
 };
 
 void cpuid_report(const char *cmdline)
