@@ -37,20 +37,7 @@ impl Ember {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn ember");
-        let out = Arc::new(Mutex::new(String::new()));
-        let mut stdout = child.stdout.take().expect("stdout");
-        let sink = out.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
+        let out = collect_stdout(&mut child);
         let stdin = child.stdin.take();
         let start = Instant::now();
         while !sock.exists() {

@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -50,20 +49,7 @@ impl Proc {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let out = Arc::new(Mutex::new(String::new()));
-        let sink = out.clone();
-        let mut stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
+        let out = collect_stdout(&mut child);
         Proc { child, out }
     }
 

@@ -9,6 +9,26 @@ use std::time::{Duration, Instant};
 
 pub const EMBER: &str = env!("CARGO_BIN_EXE_ember");
 
+/// Takes `child`'s stdout and collects it, as it arrives, into the returned string (a
+/// thread reads until the pipe closes), so a test can watch the console while ember runs.
+pub fn collect_stdout(child: &mut Child) -> std::sync::Arc<std::sync::Mutex<String>> {
+    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let sink = out.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    out
+}
+
 /// The test guest image, built by build.rs. A build without a C compiler has none: the
 /// tests that boot it then fail here, saying why.
 pub fn guest() -> &'static str {
