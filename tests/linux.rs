@@ -157,11 +157,15 @@ struct Boot {
 }
 
 impl Boot {
-    fn at(&self, needle: &str) -> Option<Duration> {
+    /// The first line containing `needle`, with the time it arrived.
+    fn find(&self, needle: &str) -> Option<(Duration, &str)> {
         self.lines
             .iter()
             .find(|(_, l)| l.contains(needle))
-            .map(|(t, _)| *t)
+            .map(|(t, l)| (*t, l.as_str()))
+    }
+    fn at(&self, needle: &str) -> Option<Duration> {
+        self.find(needle).map(|(t, _)| t)
     }
     fn has(&self, needle: &str) -> bool {
         self.at(needle).is_some()
@@ -328,7 +332,7 @@ fn vmlinux_boot() -> Option<&'static Boot> {
 /// What every boot must show: the root mounted read-write over virtio-blk, init's
 /// steps in order, a clean exit after init's reboot, and init's file in the image.
 fn check_boot(b: &Boot, net_line: &str) {
-    if let Some((_, l)) = b.lines.iter().find(|(_, l)| l.contains(INIT_FAILED)) {
+    if let Some((_, l)) = b.find(INIT_FAILED) {
         panic!(
             "{}: init reported `{l}`; serial tail:\n{}",
             b.kind,
@@ -343,12 +347,10 @@ fn check_boot(b: &Boot, net_line: &str) {
         net_line,
         INIT_WROTE,
     ]);
-    let mounted = b
-        .lines
-        .iter()
-        .find(|(_, l)| l.contains("EXT4-fs (vda): mounted filesystem"))
+    let (_, mounted) = b
+        .find("EXT4-fs (vda): mounted filesystem")
         .unwrap_or_else(|| panic!("no ext4 mount line; serial tail:\n{}", b.tail()));
-    assert!(!mounted.1.contains("read-only"), "{}", mounted.1);
+    assert!(!mounted.contains("read-only"), "{mounted}");
     assert!(b.has("virtio_blk virtio0: [vda]"), "{}", b.tail());
     let (before, after) = b.mount_time;
     assert!(
@@ -385,12 +387,7 @@ fn stripped_vmlinux_runs_init_with_dhcp_and_writes_its_root() {
     // The guest kernel probed every device of the config: vsock's transport and the
     // entropy device (as a hwrng) included.
     b.assert_in_order(&[INIT_MOUNTED, INIT_DRIVERS, &net_line]);
-    let drivers = b
-        .lines
-        .iter()
-        .find(|(_, l)| l.contains(INIT_DRIVERS))
-        .map(|(_, l)| l.as_str())
-        .unwrap_or_default();
+    let drivers = b.find(INIT_DRIVERS).map(|(_, l)| l).unwrap_or_default();
     for d in [
         "virtio_blk",
         "virtio_net",
