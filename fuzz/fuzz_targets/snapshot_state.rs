@@ -30,10 +30,10 @@ use ember::devices::rate_limiter::RateLimiter;
 use ember::devices::serial::{ConsoleOut, SerialDevice};
 use ember::devices::virtio::balloon::Balloon;
 use ember::devices::virtio::rng::{EntropyBudget, Rng, Unlimited};
-use ember::devices::virtio::{Block, EventSet, Interest, MmioTransport, VirtioDevice};
+use ember::devices::virtio::{Block, MmioTransport, VirtioDevice};
 use ember::snapshot::format::{self, EMBER_VERSION};
 use ember::snapshot::{MicrovmState, validate, vcpu};
-use ember_fuzz::{Confined, GuestMemory, ThreadKind, guest_memory};
+use ember_fuzz::{Confined, GuestMemory, NoInterest, ThreadKind, guest_memory};
 use kvm_bindings::kvm_cpuid_entry2;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::GuestAddress;
@@ -102,21 +102,6 @@ fn reseal(data: &[u8], mode: u8) -> Vec<u8> {
         file[covered..covered + 4].copy_from_slice(&crc.to_le_bytes());
     }
     file
-}
-
-/// The device never asks the event loop for anything here.
-struct NoInterest;
-
-impl Interest for NoInterest {
-    fn add(&mut self, _: i32, _: u16, _: EventSet) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn modify(&mut self, _: i32, _: u16, _: EventSet) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn remove(&mut self, _: i32) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 fn irq() -> IrqLine {

@@ -7,13 +7,14 @@
 //! reported more work than a ring can hold.
 #![no_main]
 
-use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use ember::devices::ioapic::IrqLine;
 use ember::devices::virtio::rng::{QUEUE_SIZE, Rng, Unlimited};
-use ember::devices::virtio::{EventSet, Interest, VirtioDevice, VirtioInterrupt, Work};
-use ember_fuzz::{Confined, GuestMemory, Input, QueueSpec, ThreadKind, guest_memory, load_image};
+use ember::devices::virtio::{VirtioDevice, VirtioInterrupt, Work};
+use ember_fuzz::{
+    Confined, GuestMemory, Input, NoInterest, QueueSpec, ThreadKind, guest_memory, load_image,
+};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -27,21 +28,6 @@ thread_local! {
         vmm: Confined::start(ThreadKind::Vmm),
         mem: guest_memory(),
     };
-}
-
-/// The device never asks the event loop for more here.
-struct NoInterest;
-
-impl Interest for NoInterest {
-    fn add(&mut self, _: RawFd, _: u16, _: EventSet) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn modify(&mut self, _: RawFd, _: u16, _: EventSet) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn remove(&mut self, _: RawFd) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 fuzz_target!(|data: &[u8]| {
