@@ -90,11 +90,14 @@ struct Peer {
     port: u16,
 }
 
+/// A segment sent outside any connection: a reset, or the last ACK of a closed one.
 #[derive(Debug)]
 struct Reset {
     to: Peer,
     seq: u32,
     ack: Option<u32>,
+    /// A bare ACK (of the peer's FIN) instead of a reset.
+    last_ack: bool,
 }
 
 #[derive(Debug)]
@@ -330,6 +333,7 @@ impl MmdsStack {
                     to: peer,
                     seq: seg.ack,
                     ack: None,
+                    last_ack: false,
                 };
                 self.queue_reset(r);
                 return;
@@ -379,7 +383,17 @@ impl MmdsStack {
             serve(&self.mmds, c, &mut self.stats);
         }
         if self.conns.get(i).is_some_and(|c| c.done()) {
-            self.conns.swap_remove(i);
+            let c = self.conns.swap_remove(i);
+            // Both FINs are acknowledged but ours of the peer's is still to be sent: without
+            // it the peer would retransmit its FIN and get a reset for a clean close.
+            if c.ack_pending {
+                self.queue_reset(Reset {
+                    to: peer,
+                    seq: c.snd_nxt,
+                    ack: Some(c.rcv_nxt),
+                    last_ack: true,
+                });
+            }
         }
     }
 
@@ -396,12 +410,14 @@ impl MmdsStack {
                     to: peer,
                     seq: seg.ack,
                     ack: None,
+                    last_ack: false,
                 }
             } else {
                 Reset {
                     to: peer,
                     seq: 0,
                     ack: Some(seg.seq.wrapping_add(len)),
+                    last_ack: false,
                 }
             };
             self.queue_reset(r);
@@ -478,6 +494,7 @@ impl MmdsStack {
         }
         if let Some(r) = self.resets.pop_front() {
             let (flags, ack) = match r.ack {
+                Some(a) if r.last_ack => (ACK, a),
                 Some(a) => (RST | ACK, a),
                 None => (RST, 0),
             };
@@ -853,6 +870,54 @@ mod tests {
         lock(&s.mmds).configure(MmdsVersion::V2, false);
         let r = fetch(&mut s, 6000, "GET /latest HTTP/1.1\r\n\r\n");
         assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    }
+
+    /// The segments Linux's TCP sends for `printf 'GET …' | nc 169.254.169.254 80` (taken
+    /// from a Linux 6.1 guest): a SYN with MSS, SACK, timestamp and window-scale options,
+    /// the request, then its FIN after our answer and FIN. The endpoint answers, and
+    /// acknowledges the guest's FIN before it forgets the connection: a peer left without
+    /// that ACK retransmits its FIN and gets a reset.
+    #[test]
+    fn linux_client_close_is_acknowledged() {
+        let mut s = stack();
+        let port = 41460;
+        let isn = 3_544_221_309u32;
+        let mut syn = tcp(port, isn, 0, SYN, &[]);
+        let opts = [
+            2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 1, 2, 3, 0, 0, 0, 0, 1, 3, 3, 7,
+        ];
+        syn.splice(54..54, opts);
+        syn[16..18].copy_from_slice(&((IP_HDR + TCP_HDR + opts.len()) as u16).to_be_bytes());
+        syn[46] = (((TCP_HDR + opts.len()) / 4) << 4) as u8;
+        syn[48..50].copy_from_slice(&64240u16.to_be_bytes());
+        assert!(s.detour(&syn));
+        let out = drain(&mut s);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].flags, out[0].ack), (SYN | ACK, isn + 1));
+        let srv = out[0].seq.wrapping_add(1);
+        s.detour(&tcp(port, isn + 1, srv, ACK, &[]));
+        let req = "GET / HTTP/1.1\r\nAccept: application/json\r\nConnection: close\r\n\r\n";
+        s.detour(&tcp(port, isn + 1, srv, ACK | PSH, req.as_bytes()));
+        let out = drain(&mut s);
+        let after_req = isn + 1 + req.len() as u32;
+        let answer: Vec<u8> = out.iter().flat_map(|o| o.data.clone()).collect();
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let fin = out.last().unwrap();
+        assert_eq!(fin.flags & FIN, FIN, "the answer ends with our FIN");
+        let our_end = fin.seq.wrapping_add(1);
+        // Linux acknowledges the answer and our FIN, then sends its own FIN.
+        s.detour(&tcp(port, after_req, our_end, ACK, &[]));
+        assert!(drain(&mut s).is_empty());
+        s.detour(&tcp(port, after_req, our_end, ACK | FIN, &[]));
+        let out = drain(&mut s);
+        assert_eq!(out.len(), 1, "one last ACK");
+        assert_eq!(
+            (out[0].flags, out[0].seq, out[0].ack),
+            (ACK, our_end, after_req + 1)
+        );
+        assert_eq!(s.connections(), 0, "the connection is closed");
+        assert!(out.iter().all(|o| o.flags & RST == 0));
     }
 
     #[test]
