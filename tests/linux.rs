@@ -2,8 +2,9 @@
 //! with its root file system on virtio-blk, read-write, and runs its /sbin/init, which
 //! reports each step on the serial console (resources/guest/rootfs/sbin/init):
 //! user space runs, /proc and /sys mounted, eth0 configured by busybox udhcpc against a
-//! dnsmasq on the host side of the TAP, a file written and synced on the root disk, then
-//! a reboot that ends the VM. The host then reads that file out of the image.
+//! dnsmasq on the host side of the TAP, (issue 16) a V2 token and a key fetched from
+//! ember's MMDS by Linux's own TCP, a file written and synced on the root disk, then a
+//! reboot that ends the VM. The host then reads that file out of the image.
 //!
 //! On a PVM host (kvm_pvm) user space runs only thanks to the guest kernel's system-call
 //! shim (resources/guest/patches/0003-*); `host_kind_canary` says which host this was and
@@ -30,6 +31,9 @@ const RUN_INIT: &str = "Run /sbin/init as init process";
 const INIT_DRIVERS: &str = "ember-guest-init: virtio drivers:";
 const INIT_OK: &str = "ember-guest-init: ok";
 const INIT_MOUNTED: &str = "ember-guest-init: mounted /proc /sys";
+const INIT_MMDS: &str = "ember-guest-init: mmds greeting";
+/// The value init fetches from MMDS, at /ember/greeting of the store.
+const MMDS_GREETING: &str = "hello-from-mmds";
 const INIT_WROTE: &str = "ember-guest-init: wrote /ember-init.done";
 const INIT_FAILED: &str = "ember-guest-init: FAILED";
 /// Printed by the guest kernel's shim (patches/0003) at the first system call it serves.
@@ -230,23 +234,35 @@ fn boot_linux(
     let before = ext4_mount_time(&image);
     let net = with_net.then(|| DhcpNet::new(&dir));
     // With a network, vsock and entropy devices too: init lists the drivers that bound.
-    let ifaces = match &net {
-        Some(n) => format!(
-            r#", "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "{}",
+    // And MMDS V2 on eth0, with a store from --metadata: init fetches a key from it when
+    // the kernel command line has ember.mmds_check=1.
+    let metadata = dir.path("metadata.json");
+    std::fs::write(
+        &metadata,
+        format!(r#"{{"ember": {{"greeting": "{MMDS_GREETING}"}}}}"#),
+    )
+    .unwrap();
+    let (ifaces, mmds_arg) = match &net {
+        Some(n) => (
+            format!(
+                r#", "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "{}",
                                          "guest_mac": "{GUEST_MAC}"}}],
                  "vsock": {{"guest_cid": 3, "uds_path": "{}"}},
-                 "entropy": {{}}"#,
-            n.tap,
-            dir.path("v.sock").display()
+                 "entropy": {{}},
+                 "mmds-config": {{"version": "V2", "network_interfaces": ["eth0"]}}"#,
+                n.tap,
+                dir.path("v.sock").display()
+            ),
+            " ember.mmds_check=1",
         ),
-        None => String::new(),
+        None => (String::new(), ""),
     };
     let cfg = dir.path("vm.json");
     std::fs::write(
         &cfg,
         format!(
             r#"{{"boot-source": {{"kernel_image_path": "{kernel}",
-                  "boot_args": "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux"}},
+                  "boot_args": "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux{mmds_arg}"}},
                 "machine-config": {{"vcpu_count": 1, "mem_size_mib": 256}},
                 "drives": [{{"drive_id": "rootfs", "path_on_host": "{}",
                              "is_root_device": true, "is_read_only": false,
@@ -267,6 +283,8 @@ fn boot_linux(
                 "--no-api",
                 "--config-file",
                 cfg,
+                "--metadata",
+                metadata.to_str().unwrap(),
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -399,6 +417,14 @@ fn stripped_vmlinux_runs_init_with_dhcp_and_writes_its_root() {
             "{d} bound no device: {drivers}"
         );
     }
+    // Linux's own TCP fetched a V2 token and a key from ember's metadata service.
+    b.assert_in_order(&[&net_line, INIT_MMDS, INIT_WROTE]);
+    let (_, mmds) = b.find(INIT_MMDS).unwrap_or_default();
+    assert_eq!(
+        mmds.trim_end(),
+        format!("{INIT_MMDS} {MMDS_GREETING}"),
+        "MMDS answered the guest something else"
+    );
     let log = b.dnsmasq_log.as_deref().unwrap_or("");
     assert!(
         log.lines()
