@@ -320,12 +320,14 @@ fn rate_limited_drive_goes_on_after_restore() {
     );
 }
 
-/// Waits until the console has a line for which `pred` holds; returns it.
+/// Waits until the console has a whole line (one its newline ended) for which `pred`
+/// holds; returns it.
 fn wait_console(e: &Ember, what: &str, pred: impl Fn(&str) -> bool) -> String {
     let start = Instant::now();
     loop {
         let out = e.output();
-        if let Some(l) = out.lines().find(|l| pred(l)) {
+        let whole = out.rfind('\n').map_or("", |end| &out[..end]);
+        if let Some(l) = whole.lines().find(|l| pred(l)) {
             return l.to_string();
         }
         assert!(start.elapsed() < T, "no {what} line; console:\n{out}");
