@@ -53,6 +53,8 @@ pub struct Controller {
     /// The running boot profile, finished (its report written) at shutdown if no marker
     /// or time limit ended it before.
     profiler: Option<Arc<Mutex<crate::profile::BootProfiler>>>,
+    /// The VM made ahead of InstanceStart or a snapshot load (`prepare`).
+    prepared: Option<builder::Prepared>,
 }
 
 /// Firecracker opens the files a PUT names when it is applied, so a wrong path fails that
@@ -110,6 +112,7 @@ impl Controller {
             mmds: Mmds::shared(crate::api::DEFAULT_MAX_PAYLOAD),
             profile: None,
             profiler: None,
+            prepared: None,
         }
     }
 
@@ -161,6 +164,27 @@ impl Controller {
             .ok_or_else(|| ActionError::bad_request(NOT_BEFORE_START))
     }
 
+    /// Makes the VM and asks KVM for its CPUID now, while the host agent is still
+    /// configuring through the API, so that InstanceStart (or a snapshot load) does not
+    /// wait for them. A failure is only logged: the start then makes its own and reports
+    /// the error there.
+    pub fn prepare(&mut self) {
+        if self.state != State::NotStarted || self.prepared.is_some() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        match builder::Prepared::new() {
+            Ok(p) => {
+                self.prepared = Some(p);
+                log::info!(
+                    "VM prepared ahead of InstanceStart (KVM_CREATE_VM, supported CPUID) in {} us",
+                    started.elapsed().as_micros()
+                );
+            }
+            Err(e) => log::debug!("cannot prepare the VM ahead of InstanceStart: {e}"),
+        }
+    }
+
     /// Builds and starts the VM from the current configuration.
     pub fn start_instance(
         &mut self,
@@ -174,7 +198,7 @@ impl Controller {
             boot_timer: self.boot_timer,
             mmds: self.mmds.clone(),
         };
-        let built = builder::build(&self.config, &opts, self.exit.clone())?;
+        let built = builder::build(&self.config, &opts, self.exit.clone(), self.prepared.take())?;
         // Before any vCPU thread exists: a filter that cannot be installed fails the start
         // here, with no guest running.
         crate::seccomp::check().map_err(seccomp_error)?;
@@ -222,8 +246,13 @@ impl Controller {
             boot_timer: self.boot_timer,
             mmds: self.mmds.clone(),
         };
-        let (built, mut config) =
-            crate::snapshot::restore(state, params, &opts, self.exit.clone())?;
+        let (built, mut config) = crate::snapshot::restore(
+            state,
+            params,
+            &opts,
+            self.exit.clone(),
+            self.prepared.take(),
+        )?;
         timeline_mark(&METRICS.boot_timeline_us.vm_built);
         crate::devices::serial::stdin_raw_mode();
         let vmm = Vmm::start_with(built, event_loop, !params.resume_vm)

@@ -384,6 +384,11 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
     // Firecracker reports these once its API is up (and ember, without the API, once the
     // VM is configured).
     metrics::report_start_times(&start_times);
+    // With the API and nothing to start right away, the VM itself is made while the host
+    // agent configures it (the API thread already accepts).
+    if api.is_some() && file_config.is_none() && args.restore.is_none() {
+        controller.prepare();
+    }
 
     // --restore: the body of PUT /snapshot/load, applied before the API answers anything.
     if let Some(path) = &args.restore {

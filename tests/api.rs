@@ -670,3 +670,27 @@ fn instance_start_is_answered_even_when_the_guest_ends_at_once() {
         e.action("InstanceStart");
     }
 }
+
+/// Issue 17: with the API, the VMM thread makes the VM and reads KVM's CPUID while the
+/// agent is still configuring, and InstanceStart builds on that VM.
+#[test]
+fn the_vm_is_prepared_while_the_agent_configures() {
+    let dir = TempDir::new("api-prepared");
+    let log = dir.path("ember.log");
+    std::fs::write(&log, "").unwrap();
+    let mut e = Ember::start(&["--level", "Info", "--log-path", log.to_str().unwrap()]);
+    e.ok("PUT", "/boot-source", &boot_source(""));
+    let mut out = e.stdout();
+    e.action("InstanceStart");
+    assert!(read_until(&mut out, T, |l| l == "ember-test-guest: done").is_some());
+    let _ = e.child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let at = |needle: &str| {
+        text.find(needle)
+            .unwrap_or_else(|| panic!("no `{needle}` in the log:\n{text}"))
+    };
+    assert!(
+        at("VM prepared ahead of InstanceStart") < at("kernel command line:"),
+        "{text}"
+    );
+}

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvm_bindings::{KVM_CLOCK_REALTIME, KVM_MAX_CPUID_ENTRIES, kvm_clock_data};
-use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{self, BuildError, BuildOptions, BuiltVm};
@@ -277,6 +276,7 @@ pub fn restore(
     params: &LoadSnapshotParams,
     opts: &BuildOptions,
     exit: Arc<ExitSignal>,
+    prepared: Option<builder::Prepared>,
 ) -> Result<(BuiltVm, VmConfig), SnapshotError> {
     validate(&state)?;
     let backend = params
@@ -309,13 +309,7 @@ pub fn restore(
     let config = state.config.clone();
     let mem_mib = config.machine_config.mem_size_mib as u64;
 
-    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| BuildError::KvmCall {
-            what: "KVM_GET_SUPPORTED_CPUID",
-            source,
-        })?;
+    let builder::Prepared { kvm, vm, supported } = builder::Prepared::take_or_new(prepared)?;
     let host = vcpu::host_cpuid(supported.as_slice());
     // Bits the VM's CPU template set were the user's choice, accepted at boot on a host
     // that may lack them (as Firecracker accepts them): they do not stop a restore.
@@ -328,7 +322,6 @@ pub fn restore(
         vcpu::check_cpuid(&shown, &host)
             .map_err(|e| SnapshotError::Unsupported(format!("vCPU {i}: {e}")))?;
     }
-    let (_, vm) = builder::create_vm()?;
     vcpu::check_xsave_size(&vm).map_err(SnapshotError::Unsupported)?;
 
     // The restored VM keeps the page size it was snapshotted with, as in Firecracker.
