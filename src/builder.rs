@@ -127,9 +127,13 @@ pub struct BuiltVm {
 }
 
 /// Boot arguments that keep Linux off the instructions a PVM host cannot emulate in guest
-/// kernel mode (XSAVE/XRSTOR, POPCNT and SMAP's CLAC/STAC), and switch on the guest
+/// kernel mode (XSAVE/XRSTOR, POPCNT, SMAP's CLAC/STAC, and CMPXCHG16B, which SLUB uses), and switch on the guest
 /// kernel's system-call shim (resources/guest/patches/0003; other kernels ignore it).
-pub const PVM_BOOT_ARGS: &[&str] = &["noxsave", "clearcpuid=popcnt,smap", "ember.pvm_syscall=1"];
+pub const PVM_BOOT_ARGS: &[&str] = &[
+    "noxsave",
+    "clearcpuid=popcnt,smap,cx16",
+    "ember.pvm_syscall=1",
+];
 
 /// Build choices that come from the command line rather than the configuration.
 #[derive(Clone, Debug, Default)]

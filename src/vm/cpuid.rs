@@ -21,6 +21,8 @@ pub struct CpuidParams {
 const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const ECX_POPCNT: u32 = 1 << 23;
+/// CMPXCHG16B, which SLUB's lockless fast path uses in the guest kernel.
+const ECX_CX16: u32 = 1 << 13;
 const ECX_XSAVE: u32 = 1 << 26;
 const ECX_OSXSAVE: u32 = 1 << 27;
 const ECX_AVX: u32 = 1 << 28;
@@ -66,7 +68,7 @@ fn adjust_entry(e: &mut kvm_cpuid_entry2, p: CpuidParams) {
                 e.edx |= EDX_HTT;
             }
             if p.pvm_host {
-                e.ecx &= !(ECX_XSAVE | ECX_OSXSAVE | ECX_AVX | ECX_POPCNT);
+                e.ecx &= !(ECX_XSAVE | ECX_OSXSAVE | ECX_AVX | ECX_POPCNT | ECX_CX16);
             }
         }
         4 => {
@@ -197,13 +199,13 @@ mod tests {
     #[test]
     fn leaf1_carries_apic_id_and_tsc_deadline() {
         let mut e = leaf(1, 0);
-        e.ecx = ECX_XSAVE | ECX_POPCNT;
+        e.ecx = ECX_XSAVE | ECX_POPCNT | ECX_CX16;
         adjust_entry(&mut e, params(3, 4));
         assert_eq!(e.ebx >> 24, 3);
         assert_eq!((e.ebx >> 16) & 0xff, 4);
         assert_ne!(e.ecx & ECX_TSC_DEADLINE, 0);
         assert_ne!(e.ecx & ECX_HYPERVISOR, 0);
-        assert_eq!(e.ecx & (ECX_XSAVE | ECX_POPCNT), 0);
+        assert_eq!(e.ecx & (ECX_XSAVE | ECX_POPCNT | ECX_CX16), 0);
     }
 
     #[test]
