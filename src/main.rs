@@ -385,10 +385,9 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
     // VM is configured).
     metrics::report_start_times(&start_times);
     // With the API and nothing to start right away, the VM itself is made while the host
-    // agent configures it (the API thread already accepts).
-    if api.is_some() && file_config.is_none() && args.restore.is_none() {
-        controller.prepare();
-    }
+    // agent configures it: once the first request is answered, so that neither the
+    // agent's wait for the socket nor its first request shares the CPU with it.
+    let mut prepare_pending = api.is_some() && file_config.is_none() && args.restore.is_none();
 
     // --restore: the body of PUT /snapshot/load, applied before the API answers anything.
     if let Some(path) = &args.restore {
@@ -427,11 +426,17 @@ fn run(inherited_fds: &[i32]) -> Result<i32, StartError> {
             break VmExit::VmmError(format!("event loop: {e:?}"));
         }
         if let Some((_, receiver)) = &api {
+            let mut answered = false;
             while let Ok(req) = receiver.rx.try_recv() {
                 let started = std::time::Instant::now();
                 let result = controller.handle(req.action, &mut event_loop);
                 metrics::record_api_request(started.elapsed().as_micros() as u64, result.is_ok());
                 action::answer(&req.reply, result);
+                answered = true;
+            }
+            if prepare_pending && answered {
+                prepare_pending = false;
+                controller.prepare();
             }
         }
         metrics::flush_if_due();
