@@ -127,8 +127,9 @@ pub struct BuiltVm {
 }
 
 /// Boot arguments that keep Linux off the instructions a PVM host cannot emulate in guest
-/// kernel mode (XSAVE/XRSTOR, POPCNT, SMAP's CLAC/STAC, and CMPXCHG16B, which SLUB uses), and switch on the guest
-/// kernel's system-call shim (resources/guest/patches/0003; other kernels ignore it).
+/// kernel mode (XSAVE/XRSTOR, POPCNT, SMAP's CLAC/STAC, and CMPXCHG16B, which SLUB uses),
+/// and switch on the guest kernel's system-call shim (resources/guest/patches/0003; other
+/// kernels ignore it).
 pub const PVM_BOOT_ARGS: &[&str] = &[
     "noxsave",
     "clearcpuid=popcnt,smap,cx16",
