@@ -229,14 +229,6 @@ fn assert_continues(before: &str, after: &str) -> (Vec<Line>, Vec<Line>) {
     (snap_lines(before), all)
 }
 
-fn sector(disk: &Path, n: u64) -> String {
-    let data = std::fs::read(disk).unwrap();
-    let at = ((8 + n % 16) * 512) as usize;
-    let s = &data[at..at + 512];
-    let end = s.iter().position(|b| *b == 0).unwrap_or(512);
-    String::from_utf8_lossy(&s[..end]).into_owned()
-}
-
 /// Boots the snap guest on 2 vCPUs with a disk, snapshots it mid-run, restores it in a
 /// new ember process: counter, timer, disk queue and disk contents carry on exactly.
 #[test]
@@ -269,7 +261,7 @@ fn restore_continues_exactly() {
     // The disk holds the latest write of the restored guest.
     second.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     let now = snap_lines(&second.output()).last().unwrap().n;
-    assert_eq!(sector(&disk, now), format!("snap {now}"));
+    assert_eq!(snap_sector(&disk, now), format!("snap {now}"));
     // The state file says what it holds: 2 vCPUs.
     let text = std::fs::read(&state).unwrap();
     let body = String::from_utf8_lossy(&text);
@@ -1338,7 +1330,10 @@ fn async_write_in_flight_completes_before_the_snapshot() {
     let before = first.output();
     drop(first);
     // The write held in flight reached the file before the state was saved.
-    assert_eq!(sector(&disk, stuck.n + 1), format!("snap {}", stuck.n + 1));
+    assert_eq!(
+        snap_sector(&disk, stuck.n + 1),
+        format!("snap {}", stuck.n + 1)
+    );
 
     let second = Ember::start(&dir, "b", None);
     second.load(&state, &mem, true);

@@ -531,15 +531,6 @@ fn snap_n(line: &str) -> Option<u64> {
         .ok()
 }
 
-/// The NUL-trimmed text the snap guest's iteration `n` writes (sector 8 + n % 16).
-fn snap_sector(disk: &Path, n: u64) -> String {
-    let data = std::fs::read(disk).unwrap();
-    let at = ((8 + n % 16) * 512) as usize;
-    let s = &data[at..at + 512];
-    let end = s.iter().position(|b| *b == 0).unwrap_or(512);
-    String::from_utf8_lossy(&s[..end]).into_owned()
-}
-
 /// PATCH /drives on a running Async drive: what is in flight finishes on the old file,
 /// the ring's registered file becomes the new one (the one register call the VMM
 /// thread's seccomp filter and the ring's restrictions allow), and the guest's later

@@ -375,3 +375,12 @@ impl Drop for HugePagesReserved {
         let _ = std::fs::write(NR_HUGEPAGES, self.old.to_string());
     }
 }
+
+/// The NUL-trimmed text the snap guest's iteration `n` writes (sector 8 + n % 16).
+pub fn snap_sector(disk: &Path, n: u64) -> String {
+    let data = std::fs::read(disk).unwrap();
+    let at = ((8 + n % 16) * 512) as usize;
+    let s = &data[at..at + 512];
+    let end = s.iter().position(|b| *b == 0).unwrap_or(512);
+    String::from_utf8_lossy(&s[..end]).into_owned()
+}
