@@ -95,9 +95,9 @@ struct Peer {
 struct Reset {
     to: Peer,
     seq: u32,
-    ack: Option<u32>,
-    /// A bare ACK (of the peer's FIN) instead of a reset.
-    last_ack: bool,
+    /// RST, RST|ACK, or ACK alone (the last ACK of a closed connection).
+    flags: u8,
+    ack: u32,
 }
 
 #[derive(Debug)]
@@ -332,8 +332,8 @@ impl MmdsStack {
                 let r = Reset {
                     to: peer,
                     seq: seg.ack,
-                    ack: None,
-                    last_ack: false,
+                    flags: RST,
+                    ack: 0,
                 };
                 self.queue_reset(r);
                 return;
@@ -390,8 +390,8 @@ impl MmdsStack {
                 self.queue_reset(Reset {
                     to: peer,
                     seq: c.snd_nxt,
-                    ack: Some(c.rcv_nxt),
-                    last_ack: true,
+                    flags: ACK,
+                    ack: c.rcv_nxt,
                 });
             }
         }
@@ -409,15 +409,15 @@ impl MmdsStack {
                 Reset {
                     to: peer,
                     seq: seg.ack,
-                    ack: None,
-                    last_ack: false,
+                    flags: RST,
+                    ack: 0,
                 }
             } else {
                 Reset {
                     to: peer,
                     seq: 0,
-                    ack: Some(seg.seq.wrapping_add(len)),
-                    last_ack: false,
+                    flags: RST | ACK,
+                    ack: seg.seq.wrapping_add(len),
                 }
             };
             self.queue_reset(r);
@@ -493,16 +493,11 @@ impl MmdsStack {
             }
         }
         if let Some(r) = self.resets.pop_front() {
-            let (flags, ack) = match r.ack {
-                Some(a) if r.last_ack => (ACK, a),
-                Some(a) => (RST | ACK, a),
-                None => (RST, 0),
-            };
             let hdr = TcpOut {
                 to: r.to,
                 seq: r.seq,
-                ack,
-                flags,
+                ack: r.ack,
+                flags: r.flags,
                 window: 0,
                 mss: false,
             };
